@@ -1,0 +1,146 @@
+"""Foundation benchmark: model load (cold and warm) and one 64-token trajectory.
+
+Compares ``lenskit.trajectory`` (full-vocabulary statistics for every row) with
+the plain TransformerLens way of computing the same rows: ``run_with_cache``,
+then the final norm and unembedding per layer, then softmax statistics per layer.
+
+Run: ``python benchmarks/bench_foundation.py [--repeats 5] [--cold-repeats 1]``.
+Writes ``benchmarks/results/foundation.json`` and prints medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PROMPT_TOKENS = 64
+
+LOAD_SNIPPET = """
+import time, sys
+t0 = time.perf_counter()
+import lenskit
+t1 = time.perf_counter()
+lenskit.load_model()
+t2 = time.perf_counter()
+print(f"{t1 - t0} {t2 - t1}")
+"""
+
+
+def _load_times(env: dict[str, str]) -> tuple[float, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_SNIPPET], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return float(out[-2]), float(out[-1])
+
+
+def bench_load(repeats: int, cold_repeats: int) -> dict[str, object]:
+    """Cold load converts the GGUF into a fresh cache; warm load reads the safetensors cache."""
+    cold = []
+    for _ in range(cold_repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "LENSKIT_CACHE": tmp}
+            cold.append(_load_times(env)[1])
+    warm_load, imports = [], []
+    for _ in range(repeats):
+        imp, load = _load_times(dict(os.environ))
+        imports.append(imp)
+        warm_load.append(load)
+    return {
+        "cold_load_s": cold,
+        "warm_load_s": warm_load,
+        "import_lenskit_s": imports,
+        "cold_load_median_s": statistics.median(cold) if cold else None,
+        "warm_load_median_s": statistics.median(warm_load),
+        "import_median_s": statistics.median(imports),
+    }
+
+
+def plain_transformer_lens(model, tokens, top_k: int = 10) -> dict[str, torch.Tensor]:
+    """The same rows the plain way: cache, then norm + unembed + softmax stats per layer."""
+    logits, cache = model.run_with_cache(tokens)
+    final_lp = torch.log_softmax(logits[0], -1)
+    n = model.cfg.n_layers
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    out = {"entropy": [], "kl": [], "top": []}
+    for name in names:
+        z = model.unembed(model.ln_final(cache[name]))[0]
+        lp = torch.log_softmax(z, -1)
+        p = lp.exp()
+        out["entropy"].append(-(p * lp).sum(-1) / math.log(2))
+        out["kl"].append((final_lp.exp() * (final_lp - lp)).sum(-1) / math.log(2))
+        out["top"].append(torch.topk(lp, top_k, -1).indices)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def bench_trajectory(repeats: int) -> dict[str, object]:
+    """Median time of one 64-token trajectory, lenskit vs the plain per-layer loop."""
+    import lenskit
+
+    model = lenskit.load_model()
+    lens = lenskit.get_lens("logit", model)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(100, 40000, (1, PROMPT_TOKENS), generator=gen)
+    tokens[0, 0] = model.tokenizer.bos_token_id
+    lenskit.trajectory(model, lens, tokens)  # warm-up
+    ours, plain = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        traj = lenskit.trajectory(model, lens, tokens, target=" Paris")
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with torch.no_grad():
+            ref = plain_transformer_lens(model, tokens)
+        plain.append(time.perf_counter() - t)
+    kl_diff = (traj.kl_to_final - ref["kl"]).abs().max().item()
+    return {
+        "prompt_tokens": PROMPT_TOKENS,
+        "rows": len(traj.layer_labels),
+        "lenskit_trajectory_s": ours,
+        "plain_transformer_lens_s": plain,
+        "lenskit_median_s": statistics.median(ours),
+        "plain_median_s": statistics.median(plain),
+        "max_abs_kl_difference_bits": kl_diff,
+    }
+
+
+def main() -> None:
+    """Run the benchmark and write the results."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cold-repeats", type=int, default=1)
+    args = parser.parse_args()
+    result = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "load": bench_load(args.repeats, args.cold_repeats),
+        "trajectory": bench_trajectory(args.repeats),
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "foundation.json").write_text(json.dumps(result, indent=2) + "\n")
+    load, traj = result["load"], result["trajectory"]
+    print(f"cold load (GGUF -> safetensors): {load['cold_load_median_s']:.1f} s")
+    print(f"warm load (cached safetensors):  {load['warm_load_median_s']:.2f} s "
+          f"(+ {load['import_median_s']:.2f} s to import lenskit and torch)")
+    print(f"trajectory, {traj['prompt_tokens']} tokens x {traj['rows']} rows: "
+          f"lenskit {traj['lenskit_median_s']:.2f} s, "
+          f"plain TransformerLens loop {traj['plain_median_s']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

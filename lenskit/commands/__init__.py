@@ -1,0 +1,1 @@
+"""Subcommands of the ``lenskit`` command line, one module each (see :mod:`lenskit.cli`)."""

@@ -1,0 +1,23 @@
+"""Lenses: the protocol, the registry, and the built-in kinds."""
+
+from lenskit.lenses import logit, tuned  # noqa: F401 (registers the tuned lens)
+from lenskit.lenses.base import (
+    Lens,
+    available_lenses,
+    get_lens,
+    lens_class,
+    lens_from_spec,
+    parse_lens_spec,
+    register_lens,
+)
+
+__all__ = [
+    "Lens",
+    "available_lenses",
+    "get_lens",
+    "lens_class",
+    "lens_from_spec",
+    "logit",
+    "parse_lens_spec",
+    "register_lens",
+]

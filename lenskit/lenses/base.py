@@ -1,0 +1,153 @@
+"""The Lens protocol and the lens registry.
+
+A lens maps the residual at lens row ``layer`` to next-token logits. Each lens
+first transforms the hidden state (``transform_hidden``: identity for the logit
+lens, an affine translator for the tuned lens, ...) and then reads it out through
+the model's own final norm and unembedding (``forward``).
+
+Kinds register themselves with :func:`register_lens`; :func:`get_lens` builds one
+by name, so callers (CLI, plots, app) never name a lens class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lenskit.errors import LenskitError
+from lenskit.models import ModelAdapter
+
+__all__ = [
+    "Lens",
+    "available_lenses",
+    "get_lens",
+    "lens_class",
+    "lens_from_spec",
+    "parse_lens_spec",
+    "register_lens",
+]
+
+_REGISTRY: dict[str, type[Lens]] = {}
+L = TypeVar("L", bound="Lens")
+
+
+class Lens(torch.nn.Module, ABC):
+    """A map from a layer's residual to next-token logits.
+
+    Args:
+        adapter: The model's adapter (final norm, unembedding, layer layout).
+    """
+
+    kind: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    @classmethod
+    @abstractmethod
+    def from_model(cls: type[L], model: Any, **options: Any) -> L:
+        """Build the lens for a ``TransformerBridge``."""
+
+    @property
+    def n_rows(self) -> int:
+        """Lens rows: one per block input, then the final residual."""
+        return self.adapter.n_rows
+
+    def covers(self, layer: int) -> bool:
+        """Whether this lens has its own map for ``layer`` (rather than refusing it)."""
+        return 0 <= layer <= self.adapter.n_layers
+
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` if the lens can read it, else raise a one-line error."""
+        layer = self.adapter.check_row(layer)
+        if not self.covers(layer):
+            raise LenskitError(
+                f"the {self.kind} lens does not cover layer {layer}: use one of its layers "
+                f"({self.covered_layers()})"
+            )
+        return layer
+
+    def covered_layers(self) -> list[int]:
+        """Lens rows this lens can read."""
+        return [row for row in range(self.n_rows) if self.covers(row)]
+
+    @abstractmethod
+    def transform_hidden(
+        self, h: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch d_model"]:
+        """Map a residual at ``layer`` to the residual the final norm should read."""
+
+    def forward(
+        self, h: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch d_vocab"]:
+        """Logits the lens reads from residual ``h`` at lens row ``layer``."""
+        layer = self.check_layer(layer)
+        translated = self.transform_hidden(h, layer)
+        return self.adapter.readout(translated)
+
+    def extra_repr(self) -> str:
+        """One line for ``repr``: kind, model and rows."""
+        return f"kind={self.kind!r}, model={self.adapter.name!r}, rows={self.n_rows}"
+
+
+def register_lens(kind: str) -> Callable[[type[L]], type[L]]:
+    """Class decorator that registers a lens class under ``kind``."""
+
+    def decorate(cls: type[L]) -> type[L]:
+        if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+            raise ValueError(f"lens kind {kind!r} is already registered")
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+
+    return decorate
+
+
+def available_lenses() -> list[str]:
+    """Registered lens kinds, in registration order."""
+    return list(_REGISTRY)
+
+
+def lens_class(kind: str) -> type[Lens]:
+    """The class registered under ``kind``."""
+    if kind not in _REGISTRY:
+        raise LenskitError(
+            f"unknown lens kind {kind!r}: use one of {', '.join(available_lenses())}"
+        )
+    return _REGISTRY[kind]
+
+
+def get_lens(kind: str, model: Any, **options: Any) -> Lens:
+    """Build a lens of a registered kind for a model.
+
+    Args:
+        kind: A registered kind (see :func:`available_lenses`).
+        model: A ``TransformerBridge``.
+        **options: Options of that kind (for example ``path=`` of a saved lens).
+
+    Returns:
+        The lens, in eval mode.
+    """
+    return lens_class(kind).from_model(model, **options).eval()
+
+
+def parse_lens_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split a lens spec ``KIND`` or ``KIND:PATH`` into the kind and its options."""
+    kind, sep, path = spec.partition(":")
+    if not kind or (sep and not path):
+        raise LenskitError(f"bad lens spec {spec!r}: write KIND or KIND:PATH, e.g. tuned:lenses/x")
+    lens_class(kind)  # an unknown kind fails here, with the list of known ones
+    return kind, ({"path": path} if path else {})
+
+
+def lens_from_spec(spec: str, model: Any) -> Lens:
+    """Build a lens from a ``KIND`` or ``KIND:PATH`` spec (as the CLI takes them)."""
+    kind, options = parse_lens_spec(spec)
+    return get_lens(kind, model, **options)

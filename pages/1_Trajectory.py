@@ -1,0 +1,43 @@
+"""Trajectory: one lens, every layer, every position of the prompt."""
+
+import streamlit as st
+
+import app_state as S
+from lenskit import plotting
+
+st.set_page_config(page_title="lenskit · Trajectory", page_icon="🔎", layout="wide")
+S.init_state()
+st.title("Trajectory")
+
+name, device, dtype = S.model_key()
+model = S.guard(S.load_model, name, device, dtype)
+prompt = st.text_area("Prompt", value=st.session_state[S.PROMPT], height=80)
+st.session_state[S.PROMPT] = prompt
+n_tokens = S.guard(S.count_tokens, model, prompt)
+
+ready = [k for k, v in S.lens_status(name, device, dtype).items() if v == "ready"]
+left, mid, right = st.columns(3)
+kind = left.selectbox("Lens", ready, index=0)
+statistic = mid.selectbox("Colour", list(plotting.STATISTICS), index=0)
+target = right.text_input("Target token (optional)", value="", help="e.g. ' Paris'")
+
+adapter = S.adapter(model)
+c1, c2 = st.columns(2)
+stride = c1.slider("Layer stride", 1, max(1, adapter.n_layers // 2), 1)
+first, last = c2.slider("Token range", 0, n_tokens, (max(0, n_tokens - 32), n_tokens))
+
+if statistic.startswith("target") and not target:
+    st.error("The target statistics need a target token: type one above, e.g. ' Paris'.")
+    st.stop()
+
+traj = S.guard(S.trajectory, kind, name, device, dtype, S.lens_path(kind), prompt, target, 10)
+fig = S.guard(
+    plotting.trajectory_heatmap,
+    traj,
+    statistic=statistic,
+    layer_stride=stride,
+    token_range=(first, last),
+)
+st.plotly_chart(fig, use_container_width=True)
+with st.expander("Numbers"):
+    st.dataframe(traj.to_frame().drop(columns=["topk_tokens", "topk_probs"]))

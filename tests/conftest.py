@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random models built in code, and the embedded SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import pytest
+
+import lenskit
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return lenskit.load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    return lenskit.load_model("tiny-gpt2")
+
+
+@pytest.fixture(scope="session", params=["tiny-llama", "tiny-gpt2"])
+def tiny_model(request, tiny_llama, tiny_gpt2):
+    return {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}[request.param]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return lenskit.load_model("smollm2-135m")
