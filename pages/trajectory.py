@@ -5,7 +5,6 @@ import streamlit as st
 import app_state as S
 from lenskit import plotting
 
-st.set_page_config(page_title="lenskit · Trajectory", page_icon="🔎", layout="wide")
 S.init_state()
 st.title("Trajectory")
 

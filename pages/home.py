@@ -1,0 +1,54 @@
+"""Home: choose the model and the prompt, see which lenses are ready."""
+
+import streamlit as st
+
+import app_state as S
+
+S.init_state()
+
+st.title("lenskit")
+st.caption(
+    "How a transformer builds its next-token prediction, layer by layer: logit, tuned and "
+    "other lenses read every layer's residual stream through the model's own unembedding."
+)
+
+models = S.known_models()
+current = st.session_state[S.MODEL]
+choice = st.selectbox(
+    "Model",
+    [*models, "Other (local folder or Hugging Face id)…"],
+    index=models.index(current) if current in models else len(models),
+    help="smollm2-135m is embedded and works offline; tiny-* are small random models.",
+)
+if choice in models:
+    st.session_state[S.MODEL] = choice
+else:
+    other = st.text_input(
+        "Model folder or Hugging Face id", value="" if current in models else current
+    )
+    if other.strip():
+        st.session_state[S.MODEL] = other.strip()
+
+st.session_state[S.PROMPT] = st.text_area(
+    "Prompt", value=st.session_state[S.PROMPT], height=100, key="home_prompt"
+)
+
+name, device, dtype = S.model_key()
+model = S.guard(S.load_model, name, device, dtype)
+n_tokens = S.report(S.count_tokens, model, st.session_state[S.PROMPT])
+adapter = S.adapter(model)
+st.markdown(
+    f"**{name}** · {adapter.architecture} · {adapter.n_layers} layers · d_model "
+    f"{adapter.d_model} · vocabulary {adapter.d_vocab:,}"
+    + (f" · prompt: {n_tokens} tokens" if n_tokens else "")
+)
+
+st.subheader("Lenses")
+status = S.lens_status(name, device, dtype)
+for kind, state in status.items():
+    if state == "ready":
+        st.markdown(f"✅ **{kind}** — ready")
+    else:
+        st.markdown(f"⚪ **{kind}** — {state}")
+
+st.page_link("pages/trajectory.py", label="See the prediction form layer by layer", icon="➡️")
