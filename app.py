@@ -14,5 +14,6 @@ st.navigation(
     [
         st.Page("pages/home.py", title="Home", icon="🏠", default=True),
         st.Page("pages/trajectory.py", title="Trajectory", icon="📈"),
+        st.Page("pages/compare.py", title="Compare", icon="⚖️"),
     ]
 ).run()

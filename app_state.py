@@ -132,3 +132,42 @@ def count_tokens(model: Any, prompt: str) -> int:
             f"the prompt is {n} tokens; the app reads at most {MAX_PROMPT_TOKENS}: shorten it"
         )
     return n
+
+
+@st.cache_data(show_spinner="Comparing the two lenses cell by cell…", max_entries=32)
+def divergence(
+    kind_a: str,
+    path_a: str | None,
+    kind_b: str,
+    path_b: str | None,
+    name: str,
+    device: str,
+    dtype: str,
+    prompt: str,
+) -> Any:
+    """KL, Jensen-Shannon and total variation between two lenses, cached on every input."""
+    from lenskit.comparison import lens_divergence
+
+    model = load_model(name, device, dtype)
+    lens_a = load_lens(kind_a, name, device, dtype, path_a)
+    lens_b = load_lens(kind_b, name, device, dtype, path_b)
+    return lens_divergence(model, lens_a, lens_b, prompt)
+
+
+def ready_lenses(name: str, device: str, dtype: str) -> list[str]:
+    """Lens kinds that load for the session's model."""
+    return [k for k, v in lens_status(name, device, dtype).items() if v == "ready"]
+
+
+def prompt_section() -> tuple[tuple[str, str, str], Any, str, int]:
+    """The shared top of a page: the session's model and an editable prompt, checked.
+
+    Returns:
+        ``(model_key, model, prompt, n_tokens)``; a bad prompt stops the page with an error.
+    """
+    key = model_key()
+    model = guard(load_model, *key)
+    prompt = st.text_area("Prompt", value=st.session_state[PROMPT], height=80)
+    st.session_state[PROMPT] = prompt
+    n_tokens = guard(count_tokens, model, prompt)
+    return key, model, prompt, n_tokens

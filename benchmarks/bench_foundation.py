@@ -31,6 +31,7 @@ LOAD_SNIPPET = """
 import time, sys
 t0 = time.perf_counter()
 import lenskit
+import transformer_lens.model_bridge
 t1 = time.perf_counter()
 lenskit.load_model()
 t2 = time.perf_counter()
@@ -60,7 +61,7 @@ def bench_load(repeats: int, cold_repeats: int) -> dict[str, object]:
     return {
         "cold_load_s": cold,
         "warm_load_s": warm_load,
-        "import_lenskit_s": imports,
+        "import_lenskit_and_transformer_lens_s": imports,
         "cold_load_median_s": statistics.median(cold) if cold else None,
         "warm_load_median_s": statistics.median(warm_load),
         "import_median_s": statistics.median(imports),
@@ -136,7 +137,7 @@ def main() -> None:
     load, traj = result["load"], result["trajectory"]
     print(f"cold load (GGUF -> safetensors): {load['cold_load_median_s']:.1f} s")
     print(f"warm load (cached safetensors):  {load['warm_load_median_s']:.2f} s "
-          f"(+ {load['import_median_s']:.2f} s to import lenskit and torch)")
+          f"(after {load['import_median_s']:.2f} s of imports: torch, TransformerLens)")
     print(f"trajectory, {traj['prompt_tokens']} tokens x {traj['rows']} rows: "
           f"lenskit {traj['lenskit_median_s']:.2f} s, "
           f"plain TransformerLens loop {traj['plain_median_s']:.2f} s")

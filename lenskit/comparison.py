@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens
-from lenskit.metrics import js_bits, kl_bits, total_variation
+from lenskit.metrics import divergences
 from lenskit.residual import capture, tokenize
 
 __all__ = ["MEASURES", "LensDivergence", "lens_divergence"]
@@ -184,9 +184,10 @@ def lens_divergence(
                 cells = slice(start, start + _CELLS_PER_CHUNK)
                 hidden = rows[row, cells]
                 logits_a, logits_b = lens_a(hidden, row), lens_b(hidden, row)
-                kl[row, cells] = kl_bits(logits_a, logits_b).clamp_min(0.0).float()
-                js[row, cells] = js_bits(logits_a, logits_b).clamp_min(0.0).float()
-                tv[row, cells] = total_variation(logits_a, logits_b).float()
+                kl_ab, js_ab, tv_ab = divergences(logits_a, logits_b)
+                kl[row, cells] = kl_ab.clamp_min(0.0).float()
+                js[row, cells] = js_ab.clamp_min(0.0).float()
+                tv[row, cells] = tv_ab.float()
                 top_a[row, cells] = logits_a.argmax(-1)
                 top_b[row, cells] = logits_b.argmax(-1)
             if progress is not None:

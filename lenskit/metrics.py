@@ -19,6 +19,7 @@ __all__ = [
     "Reference",
     "RowStats",
     "cross_entropy_bits",
+    "divergences",
     "entropy_bits",
     "js_bits",
     "kl_bits",
@@ -65,6 +66,21 @@ def total_variation(
 ) -> Float[Tensor, "*batch"]:
     """Total variation distance ``sum |p - q| / 2`` (a probability, not bits)."""
     return 0.5 * (log_probs(p_logits).exp() - log_probs(q_logits).exp()).abs().sum(-1)
+
+
+def divergences(
+    p_logits: Float[Tensor, "*batch d_vocab"], q_logits: Float[Tensor, "*batch d_vocab"]
+) -> tuple[Float[Tensor, "*batch"], Float[Tensor, "*batch"], Float[Tensor, "*batch"]]:
+    """``KL(p||q)`` and Jensen-Shannon in bits, and total variation, from one softmax each.
+
+    The same definitions as :func:`kl_bits`, :func:`js_bits` and :func:`total_variation`.
+    """
+    lp, lq = log_probs(p_logits), log_probs(q_logits)
+    p, q = lp.exp(), lq.exp()
+    lm = torch.logaddexp(lp, lq) - LN2
+    kl = (p * (lp - lq)).sum(-1) / LN2
+    js = 0.5 * ((p * (lp - lm)).sum(-1) + (q * (lq - lm)).sum(-1)) / LN2
+    return kl, js, 0.5 * (p - q).abs().sum(-1)
 
 
 def cross_entropy_bits(
@@ -156,8 +172,10 @@ def row_stats(
     total = e.sum(-1)
     log_total = total.log()
     lse = shift.squeeze(-1) + log_total
-    mean_q = torch.einsum("nv,nv->n", e, zs) / total
-    mean_p = torch.einsum("nv,nv->n", reference.probs, zs)
+    # Elementwise product and sum, not einsum/bmm: on this BLAS those dot products
+    # lose ~1e-4 relative accuracy over a 49k vocabulary; summation keeps ~1e-7.
+    mean_q = (e * zs).sum(-1) / total
+    mean_p = (reference.probs * zs).sum(-1)
     chosen = z.gather(-1, ids)
     ranks = torch.full_like(ids, -1)
     for col in range(ids.shape[1] - rank_columns, ids.shape[1]):

@@ -5,16 +5,10 @@ import streamlit as st
 import app_state as S
 from lenskit import plotting
 
-S.init_state()
 st.title("Trajectory")
 
-name, device, dtype = S.model_key()
-model = S.guard(S.load_model, name, device, dtype)
-prompt = st.text_area("Prompt", value=st.session_state[S.PROMPT], height=80)
-st.session_state[S.PROMPT] = prompt
-n_tokens = S.guard(S.count_tokens, model, prompt)
-
-ready = [k for k, v in S.lens_status(name, device, dtype).items() if v == "ready"]
+(name, device, dtype), model, prompt, n_tokens = S.prompt_section()
+ready = S.ready_lenses(name, device, dtype)
 left, mid, right = st.columns(3)
 kind = left.selectbox("Lens", ready, index=0)
 statistic = mid.selectbox("Colour", list(plotting.STATISTICS), index=0)

@@ -1,5 +1,6 @@
 """Every app page under Streamlit's AppTest, with a tiny model and the real default model."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from streamlit.testing.v1 import AppTest
 import app_state as S
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["app.py", "pages/trajectory.py"]
+PAGES = ["app.py", "pages/trajectory.py", "pages/compare.py"]
 
 
 def _run(page, model="tiny-llama", prompt="Hello there, friend", **state):
@@ -37,7 +38,7 @@ def test_trajectory_page_draws_a_heatmap():
     at = _run("pages/trajectory.py")
     charts = at.get("plotly_chart")
     assert len(charts) == 1
-    assert '"type":"heatmap"' in charts[0].proto.spec.replace(" ", "")
+    assert [t["type"] for t in json.loads(charts[0].proto.spec)["data"]] == ["heatmap"]
 
 
 @pytest.mark.parametrize(
@@ -64,3 +65,16 @@ def test_pages_run_on_the_default_model(page):
     at = _run(page, model="smollm2-135m", prompt="The capital of France is")
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
+
+
+def test_compare_page_with_a_saved_tuned_lens(tmp_path, tiny_llama):
+    from lenskit.lenses.tuned import TunedLens
+
+    TunedLens.untrained(tiny_llama).save(tmp_path / "lens")
+    at = _run("pages/compare.py", **{S.LENS_PATHS: {"tuned": str(tmp_path / "lens")}})
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert len(specs) == 2  # the side-by-side heatmaps and the divergence map
+    assert [t["type"] for t in specs[0]["data"]] == ["heatmap", "heatmap"]
+    assert [t["type"] for t in specs[1]["data"]] == ["heatmap"]

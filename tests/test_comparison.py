@@ -177,3 +177,21 @@ def test_post_init_checks_shapes(div: LensDivergence):
     with pytest.raises(ValueError, match="tokens"):  # not a tensor shape: our own check
         LensDivergence(**fields)
     assert math.isnan(float(div.kl[SKIPPED, 0]))
+
+
+def test_fused_divergences_equal_the_separate_definitions():
+    import torch
+
+    from lenskit.metrics import divergences, js_bits, kl_bits, total_variation
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 50, generator=gen) * 3, torch.randn(6, 50, generator=gen) * 3
+    kl, js, tv = divergences(a, b)
+    torch.testing.assert_close(kl, kl_bits(a, b))
+    torch.testing.assert_close(js, js_bits(a, b))
+    torch.testing.assert_close(tv, total_variation(a, b))
+    ad, bd = a.double(), b.double()
+    p, q = torch.softmax(ad, -1), torch.softmax(bd, -1)
+    m = (p + q) / 2
+    js_ref = 0.5 * ((p * (p / m).log2()).sum(-1) + (q * (q / m).log2()).sum(-1))
+    assert (js.double() - js_ref).abs().max() < 1e-5

@@ -1,0 +1,378 @@
+"""Evaluating lenses over a corpus: per-layer KL, cross-entropy, entropy and top-1 agreement.
+
+:func:`evaluate` streams a corpus through the model in batches of chunks; each batch runs
+the model once and every lens reads the same residuals. Only per-chunk means are kept
+(merged into running moments, see :mod:`lenskit.eval_stats`), so memory stays flat as the
+token count grows. :func:`layer_kl_sums` and :func:`layer_kl` are the lean KL-only version
+that training uses.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lenskit.data import Corpus, TokenChunks, load_corpus, split_documents, tokenize_corpus
+from lenskit.errors import LenskitError
+from lenskit.eval_stats import METRICS, ChunkMoments, EvalResult, metrics_frame, transfer_frame
+from lenskit.lenses.base import Lens
+from lenskit.lenses.tuned import TunedLens
+from lenskit.metrics import LN2, Reference, row_stats
+from lenskit.models import ModelAdapter
+from lenskit.residual import capture
+
+__all__ = ["ROWS_PER_READOUT", "EvalResult", "eval_chunks", "evaluate", "kl_nats", "layer_kl",
+           "layer_kl_sums"]
+
+ROWS_PER_READOUT = 512  # rows per unembedding matmul: near peak speed, memory stays flat
+
+
+def kl_nats(
+    reference: Reference, logits: Float[Tensor, "n d_vocab"]
+) -> Float[Tensor, " n"]:
+    """``KL(p || q)`` in nats for lens logits ``z``: ``sum p log p + lse(z) - E_p[z]``.
+
+    Differentiable in ``logits``; its gradient is ``softmax(z) - p``.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    mean_p = (reference.probs * z).sum(-1)  # not einsum: see lenskit.metrics.row_stats
+    return reference.neg_entropy + torch.logsumexp(z, dim=-1) - mean_p
+
+
+def layer_kl_sums(
+    model: Any,
+    lenses: Sequence[Lens],
+    tokens: Int[Tensor, "chunk pos"],
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> Float[Tensor, "lens layer"]:
+    """Summed ``KL(model output || lens)`` in nats per lens and block input, over all tokens.
+
+    Each batch of chunks runs through the model once; every lens reads the same residuals.
+
+    Args:
+        model: A ``TransformerBridge``.
+        lenses: Lenses built for ``model``.
+        tokens: Token chunks, one per row.
+        batch_size: Chunks per forward pass.
+        progress: Show a tqdm bar.
+
+    Returns:
+        ``[len(lenses), n_layers]`` float64 sums (divide by ``tokens.numel()`` for means).
+    """
+    if batch_size < 1:
+        raise LenskitError(f"batch_size must be >= 1, got {batch_size}: pass a positive size")
+    n_layers = int(model.cfg.n_layers)
+    sums = torch.zeros(len(lenses), n_layers, dtype=torch.float64)
+    starts = range(0, tokens.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="held-out KL", unit="batch", leave=False)
+    device = lenses[0].adapter.W_U.device if lenses else "cpu"
+    with torch.no_grad():
+        for start in starts:
+            batch = tokens[start : start + batch_size].to(device)
+            cap = capture(model, batch)
+            rows = cap.stack("resid_pre").flatten(1, 2)  # [layer, n, d_model]
+            reference = Reference.from_logits(cap.logits.flatten(0, 1))
+            for lo in range(0, rows.shape[1], ROWS_PER_READOUT):
+                part = Reference(reference.probs[lo : lo + ROWS_PER_READOUT],
+                                 reference.neg_entropy[lo : lo + ROWS_PER_READOUT])
+                for i, lens in enumerate(lenses):
+                    for layer in range(n_layers):
+                        logits = lens(rows[layer, lo : lo + ROWS_PER_READOUT], layer)
+                        sums[i, layer] += kl_nats(part, logits).double().sum().cpu()
+    return sums
+
+
+def layer_kl(
+    model: Any,
+    lens: Lens,
+    chunks: TokenChunks,
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Mean ``KL(model output || lens)`` in bits at each block input, over held-out chunks.
+
+    Args:
+        model: A ``TransformerBridge``.
+        lens: A lens built for ``model``.
+        chunks: Held-out token chunks (see :func:`lenskit.data.tokenize_corpus`).
+        batch_size: Chunks per forward pass.
+        progress: Show a tqdm bar.
+
+    Returns:
+        One row per block input: columns ``layer`` and ``kl_bits``.
+    """
+    sums = layer_kl_sums(model, [lens], chunks.tokens, batch_size=batch_size, progress=progress)
+    means = (sums[0] / chunks.n_tokens / LN2).tolist()
+    frame = pd.DataFrame({"layer": list(range(len(means))), "kl_bits": means})
+    frame.attrs.update(model=lens.adapter.name, lens=lens.kind, source=chunks.source,
+                       tokens=chunks.n_tokens)
+    return frame
+
+
+DEFAULT_SEQ_LEN = 256
+# Dtype of the statistics of the logits; row_stats sums in float32 to ~1e-7 relative.
+STATS_DTYPE = torch.float32
+_KIND_NOTES = {
+    "jacobian": "J-lens: an average Jacobian, fitted without a KL objective (not trained to "
+                "minimise KL); layers without a fitted matrix are NaN",
+}
+
+
+def _named_lenses(
+    model: Any, lenses: Mapping[str, Lens] | Sequence[Lens] | Lens
+) -> dict[str, Lens]:
+    """Lenses by name (their kind for a sequence), checked to be distinct and for ``model``."""
+    if isinstance(lenses, Lens):
+        lenses = [lenses]
+    pairs = list(lenses.items()) if isinstance(lenses, Mapping) else [
+        (getattr(lens, "kind", ""), lens) for lens in lenses]
+    if not pairs:
+        raise LenskitError("no lenses to evaluate: pass at least one, e.g. [get_lens('logit', m)]")
+    named: dict[str, Lens] = {}
+    for name, lens in pairs:
+        if not isinstance(lens, Lens):
+            raise LenskitError(f"lens {name!r} is a {type(lens).__name__}, not a Lens: build it "
+                               "with get_lens(kind, model)")
+        if not isinstance(name, str) or not name.strip() or name == "model":
+            raise LenskitError(f"bad lens name {name!r}: use a non-empty name other than 'model' "
+                               "(the reference row)")
+        if name in named:
+            raise LenskitError(f"duplicate lens name {name!r}: give each lens its own name, "
+                               "e.g. a mapping {'tuned-a': lens_a, 'tuned-b': lens_b}")
+        if lens.adapter.model is not model:
+            raise LenskitError(f"lens {name!r} was built for another model object: build it with "
+                               "get_lens(kind, model) for this model")
+        named[name] = lens
+    return named
+
+
+def _take_chunks(chunks: TokenChunks, n_chunks: int, seed: int) -> TokenChunks:
+    if n_chunks > len(chunks):
+        raise LenskitError(
+            f"{chunks.source} has only {chunks.n_tokens} tokens ({len(chunks)} chunks of "
+            f"{chunks.seq_len}), fewer than the {n_chunks * chunks.seq_len} asked for: ask "
+            f"for at most {chunks.n_tokens} tokens or add data")
+    if n_chunks == len(chunks):
+        return chunks
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(chunks), generator=gen)[:n_chunks].sort().values
+    n_bytes = round(chunks.n_bytes * n_chunks / len(chunks))
+    return TokenChunks(chunks.tokens[pick], n_bytes, chunks.source)
+
+
+def eval_chunks(
+    model: Any,
+    data: Corpus | TokenChunks | str | None,
+    *,
+    tokens: int,
+    seq_len: int | None = None,
+    seed: int = 0,
+    held_out: float | None = None,
+) -> TokenChunks:
+    """The chunks :func:`evaluate` reads: ``tokens // seq_len`` chunks of ``seq_len`` tokens.
+
+    Text (a :class:`~lenskit.data.Corpus`, or a source for :func:`~lenskit.data.load_corpus`,
+    ``None`` meaning Shakespeare) has its documents shuffled with ``seed``, then is tokenized
+    as :func:`~lenskit.data.tokenize_corpus` does (no BOS, EOS after each document) until
+    ``tokens``. Given chunks keep their ``seq_len``; ``seed`` draws the ones used.
+
+    Raises:
+        LenskitError: For bad arguments, unreadable or empty data, or fewer tokens than asked
+            (the message names how many there are).
+    """
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise LenskitError(f"tokens must be a positive integer, got {tokens!r}: pass e.g. 65536")
+    if isinstance(data, TokenChunks):
+        if seq_len is not None and seq_len != data.seq_len:
+            raise LenskitError(f"seq_len={seq_len} but the chunks have {data.seq_len} tokens: "
+                               "drop seq_len or re-chunk the data")
+        if held_out is not None:
+            raise LenskitError("held_out splits text, not chunks: pass the corpus instead")
+        seq_len = data.seq_len
+    seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
+    n_ctx = int(model.cfg.n_ctx)
+    if not 2 <= seq_len <= n_ctx:
+        raise LenskitError(f"seq_len must be in 2..{n_ctx} (the model's context), got {seq_len}: "
+                           "pass another seq_len")
+    if tokens < seq_len:
+        raise LenskitError(f"tokens={tokens} is less than one chunk of seq_len={seq_len}: "
+                           "raise tokens or lower seq_len")
+    if isinstance(data, TokenChunks):
+        return _take_chunks(data, tokens // seq_len, seed)
+    corpus = data if isinstance(data, Corpus) else load_corpus(data)
+    if held_out is not None:
+        corpus = split_documents(corpus, held_out, seed=seed)[1]
+    docs = list(corpus.documents)
+    random.Random(seed).shuffle(docs)
+    chunks = tokenize_corpus(Corpus(corpus.name, tuple(docs)), model.tokenizer, seq_len,
+                             max_tokens=tokens)
+    return _take_chunks(chunks, tokens // seq_len, seed)
+
+
+def _row_values(
+    logits: Float[Tensor, "n d_vocab"],
+    reference: Reference,
+    ids: Int[Tensor, "n 1"],
+    model_top: Int[Tensor, " n"],
+) -> Float[Tensor, "4 n"]:
+    """Per position: KL, cross-entropy and entropy (bits), and top-1 agreement (0/1)."""
+    stats = row_stats(logits, reference, ids, top_k=1)
+    agree = (stats.top_ids[:, 0] == model_top).to(stats.kl.dtype)
+    ce = -stats.id_log_probs[:, 0] / LN2
+    return torch.stack([stats.kl, ce, stats.entropy, agree]).double()
+
+
+def evaluate(
+    model: Any,
+    lenses: Mapping[str, Lens] | Sequence[Lens] | Lens,
+    data: Corpus | TokenChunks | str | None,
+    *,
+    tokens: int,
+    seq_len: int | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
+    transfer: bool = False,
+    held_out: float | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Per-layer metrics of lenses over a corpus, with standard errors over chunks.
+
+    Each batch of chunks runs through the model once; every lens reads the same block
+    inputs. In each chunk of ``seq_len`` tokens, the first ``seq_len - 1`` positions are
+    scored (the last has no next token in the chunk): ``KL(model output || lens)``, the
+    cross-entropy of the actual next token, the lens's entropy (bits) and whether its
+    top-1 is the model's top-1. The readout runs in the model's dtype, the statistics of
+    its logits in float64. Only per-chunk means are kept, so memory does not grow
+    with ``tokens``. See :class:`~lenskit.eval_stats.EvalResult` for the table.
+
+    Args:
+        model: A ``TransformerBridge``.
+        lenses: Lenses by name, or a sequence or one lens (named by kind, which must then
+            be distinct).
+        data: Text or chunks (see :func:`eval_chunks`); ``None``: Shakespeare.
+        tokens: Tokens to read, rounded down to whole chunks.
+        seq_len: Tokens per chunk (default 256; given chunks keep theirs).
+        batch_size: Chunks per forward pass.
+        seed: Seed of the document order (for chunks: which ones are drawn).
+        transfer: Also score every tuned lens's translator ``i`` on every layer ``j``
+            (``n_layers**2`` readouts per batch instead of ``n_layers``).
+        held_out: Evaluate only the held-out documents of ``split_documents(corpus,
+            held_out, seed=seed)``, the split ``lenskit train`` holds out.
+        progress: Show a tqdm bar with tokens per second.
+
+    Returns:
+        The :class:`~lenskit.eval_stats.EvalResult`.
+
+    Raises:
+        LenskitError: For bad lenses (duplicate names, another model), bad data or arguments.
+    """
+    named = _named_lenses(model, lenses)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LenskitError(f"batch_size must be a positive integer, got {batch_size!r}")
+    tuned = [name for name, lens in named.items() if isinstance(lens, TunedLens)]
+    if transfer and not tuned:
+        raise LenskitError("transfer needs a tuned lens: add one (e.g. tuned:DIR) or drop it")
+    chunks = eval_chunks(model, data, tokens=tokens, seq_len=seq_len, seed=seed,
+                         held_out=held_out)
+    adapter = ModelAdapter(model)
+    n_layers, seq_len = adapter.n_layers, chunks.seq_len
+    lens_list = list(named.values())
+    covered = [[lens.covers(layer) for layer in range(n_layers)] for lens in lens_list]
+    moments = ChunkMoments((len(lens_list), n_layers, len(METRICS)))
+    reference_moments = ChunkMoments((2,))
+    transfer_moments = ChunkMoments((len(tuned), n_layers, n_layers)) if transfer else None
+    from tqdm.auto import tqdm
+
+    tic = time.perf_counter()
+    bar = tqdm(total=chunks.n_tokens, desc="evaluating lenses", unit="tok", unit_scale=True,
+               disable=not progress, dynamic_ncols=True)
+    with torch.no_grad(), bar:
+        for start in range(0, len(chunks), batch_size):
+            batch = chunks.tokens[start : start + batch_size].to(adapter.W_U.device)
+            sums = _batch_sums(model, [named[n] for n in tuned] if transfer else [],
+                               lens_list, covered, batch)
+            moments.add(sums["lens"])
+            reference_moments.add(sums["model"])
+            if transfer_moments is not None:
+                transfer_moments.add(sums["transfer"])
+            bar.update(batch.numel())
+    seconds = time.perf_counter() - tic
+    notes = {name: _KIND_NOTES[lens.kind] for name, lens in named.items()
+             if lens.kind in _KIND_NOTES}
+    frame = metrics_frame(
+        {name: lens.kind for name, lens in named.items()}, covered,
+        [adapter.row_label(row) for row in range(adapter.n_rows)], moments, reference_moments,
+        tokens_per_byte=chunks.n_tokens / chunks.n_bytes if chunks.n_bytes else math.nan,
+        notes=notes)
+    table = None if transfer_moments is None else transfer_frame(tuned, transfer_moments)
+    return EvalResult(
+        metrics=frame, model=adapter.name,
+        lenses={name: {"kind": lens.kind, "source": getattr(lens, "source", None)}
+                for name, lens in named.items()},
+        source=chunks.source, tokens=chunks.n_tokens, scored_tokens=len(chunks) * (seq_len - 1),
+        chunks=len(chunks), seq_len=seq_len, n_bytes=chunks.n_bytes, seed=seed,
+        seconds=seconds, transfer=table, notes=notes)
+
+
+def _batch_sums(
+    model: Any,
+    tuned: list[Lens],
+    lenses: list[Lens],
+    covered: list[list[bool]],
+    batch: Int[Tensor, "chunk pos"],
+) -> dict[str, Tensor]:
+    """Per-chunk means of one batch's scored positions.
+
+    Returns:
+        ``lens`` [lens, layer, metric, chunk], ``model`` [2, chunk] (cross-entropy and
+        entropy of the model's output) and ``transfer`` [tuned, translator, layer, chunk].
+    """
+    n_chunks, n_pos = batch.shape[0], batch.shape[1] - 1
+    cap = capture(model, batch)
+    rows = cap.stack("resid_pre")[:, :, :-1].flatten(1, 2)  # [layer, n, d_model]
+    n_layers, device = rows.shape[0], rows.device
+    final = cap.logits[:, :-1].flatten(0, 1)
+    ids = batch[:, 1:].reshape(-1, 1)
+    owner = torch.arange(rows.shape[1], device=device) // n_pos  # chunk of each row
+    lens_sums = torch.zeros(len(lenses), n_layers, len(METRICS), n_chunks,
+                            dtype=torch.float64, device=device)
+    model_sums = torch.zeros(2, n_chunks, dtype=torch.float64, device=device)
+    transfer_sums = torch.zeros(len(tuned), n_layers, n_layers, n_chunks,
+                                dtype=torch.float64, device=device)
+    for lo in range(0, rows.shape[1], ROWS_PER_READOUT):
+        part = slice(lo, lo + ROWS_PER_READOUT)
+        own_logits = final[part].to(STATS_DTYPE)
+        reference = Reference.from_logits(own_logits)
+        own = row_stats(own_logits, reference, ids[part], top_k=1)
+        model_top = own.top_ids[:, 0]
+        values = torch.stack([-own.id_log_probs[:, 0] / LN2, own.entropy]).double()
+        model_sums.index_add_(1, owner[part], values)
+        for i, lens in enumerate(lenses):
+            for layer in range(n_layers):
+                if covered[i][layer]:
+                    logits = lens(rows[layer, part], layer).to(STATS_DTYPE)
+                    values = _row_values(logits, reference, ids[part], model_top)
+                    lens_sums[i, layer].index_add_(1, owner[part], values)
+        for t, lens in enumerate(tuned):
+            for src in range(n_layers):
+                for layer in range(n_layers):
+                    moved = lens.transform_hidden(rows[layer, part], src)
+                    logits = lens.adapter.readout(moved).to(STATS_DTYPE)
+                    kl = kl_nats(reference, logits).clamp_min(0.0) / LN2
+                    transfer_sums[t, src, layer].index_add_(0, owner[part], kl.double())
+    return {"lens": lens_sums / n_pos, "model": model_sums / n_pos,
+            "transfer": transfer_sums / n_pos}
