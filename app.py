@@ -15,5 +15,8 @@ st.navigation(
         st.Page("pages/home.py", title="Home", icon="🏠", default=True),
         st.Page("pages/trajectory.py", title="Trajectory", icon="📈"),
         st.Page("pages/compare.py", title="Compare", icon="⚖️"),
+        st.Page("pages/evaluate.py", title="Evaluate", icon="📊"),
+        st.Page("pages/train.py", title="Train", icon="🏋️"),
+        st.Page("pages/causal_basis.py", title="Causal basis", icon="🧭"),
     ]
 ).run()

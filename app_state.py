@@ -1,18 +1,22 @@
 """The app's cached loaders and session-state keys, in one place.
 
 Every cached object is keyed on every argument that changes it: the model on
-(name, device, dtype), a lens on (kind, model key, path), a trajectory on all of
-its inputs. Changing the prompt never reloads the model.
+(name, device, dtype), a lens on (kind, model key, path), a trajectory or an evaluation
+on all of its inputs (a corpus also on its files' sizes and times). Changing the prompt
+never reloads the model. Every path a user types goes through ``app_paths``, which
+refuses anything outside the allowed folders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import streamlit as st
 
 import lenskit
+from app_paths import corpus_path, describe_roots, folder_name, lens_file, saved_lenses
 from lenskit.errors import LenskitError
 from lenskit.models import DEFAULT_MODEL, model_names
 
@@ -24,6 +28,11 @@ PROMPT = "lenskit_prompt"
 DEVICE = "lenskit_device"
 DTYPE = "lenskit_dtype"
 LENS_PATHS = "lenskit_lens_paths"  # {kind: path} chosen by the user
+TRAIN = "lenskit_train"  # the last training run: {"out", "model", "status", ...}
+EVAL = "lenskit_eval"  # the inputs of the last evaluation run (a dict)
+
+CAUSAL_KIND = "tuned-with-causal-basis"
+PATH_KINDS = ("tuned", "jacobian")  # lens kinds read from a file the user may choose
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
 MAX_PROMPT_TOKENS = 512
@@ -134,24 +143,41 @@ def count_tokens(model: Any, prompt: str) -> int:
     return n
 
 
-@st.cache_data(show_spinner="Comparing the two lenses cell by cell…", max_entries=32)
-def divergence(
-    kind_a: str,
-    path_a: str | None,
-    kind_b: str,
-    path_b: str | None,
+@st.cache_data(show_spinner="Reading the prompt through the lenses…", max_entries=32)
+def comparison(
+    kinds: tuple[str, ...],
+    paths: tuple[str | None, ...],
+    pair: tuple[str, str],
     name: str,
     device: str,
     dtype: str,
     prompt: str,
 ) -> Any:
-    """KL, Jensen-Shannon and total variation between two lenses, cached on every input."""
-    from lenskit.comparison import lens_divergence
+    """Trajectories of several lenses and one pair's divergence, cached on every input."""
+    from lenskit.comparison import compare
 
     model = load_model(name, device, dtype)
-    lens_a = load_lens(kind_a, name, device, dtype, path_a)
-    lens_b = load_lens(kind_b, name, device, dtype, path_b)
-    return lens_divergence(model, lens_a, lens_b, prompt)
+    lenses = [load_lens(k, name, device, dtype, p) for k, p in zip(kinds, paths, strict=True)]
+    return compare(model, lenses, prompt, pair=(kinds.index(pair[0]), kinds.index(pair[1])))
+
+
+@st.cache_data(show_spinner="Reading the causal basis…", max_entries=32)
+def causal_basis(source: str, layer: int) -> Any:
+    """One layer of a causal basis folder, cached on the folder and layer."""
+    from lenskit.causal_basis import CausalBasis
+
+    return CausalBasis.load(source, layer)
+
+
+@st.cache_data(show_spinner="Finding the tokens each direction moves…", max_entries=32)
+def direction_tokens(name: str, device: str, dtype: str, path: str | None, layer: int,
+                     top: int) -> Any:
+    """Tokens each causal direction of ``layer`` promotes and suppresses, cached on all inputs."""
+    from lenskit.causal_influence import direction_tokens as tokens_of
+
+    model = load_model(name, device, dtype)
+    lens = load_lens(CAUSAL_KIND, name, device, dtype, path)
+    return tokens_of(lens.tuned, causal_basis(lens.source, layer), model.tokenizer, top=top)
 
 
 def ready_lenses(name: str, device: str, dtype: str) -> list[str]:
@@ -171,3 +197,132 @@ def prompt_section() -> tuple[tuple[str, str, str], Any, str, int]:
     st.session_state[PROMPT] = prompt
     n_tokens = guard(count_tokens, model, prompt)
     return key, model, prompt, n_tokens
+
+
+# --- files: lenses and corpora under the allowed folders ------------------------------
+
+
+def corpus_section(key: str) -> str | None:
+    """The corpus picker: the default corpus (None) or a typed path, checked.
+
+    A bad path stops the page with the error and its fix.
+    """
+    choice = st.radio("Corpus", ["Shakespeare (default)", "File or folder"], horizontal=True,
+                      key=f"{key}_corpus_kind")
+    if choice.startswith("Shakespeare"):
+        return None
+    text = st.text_input(
+        "Corpus path", key=f"{key}_corpus_path",
+        help="A .txt or .md file (one document), a .jsonl file (one document per line, in "
+        "a 'text' field) or a folder of them, under " + describe_roots(),
+    )
+    if not text.strip():
+        st.info("Type the path of a file or folder, or choose the default corpus.")
+        st.stop()
+    return guard(corpus_path, text)
+
+
+_DEFAULT, _OTHER = "", "<other>"
+
+
+def lens_files_section(name: str) -> None:
+    """Per file-backed lens kind, a picker: the default, a saved lens, or a typed path."""
+    init_state()
+    paths = st.session_state[LENS_PATHS]
+    for kind in PATH_KINDS:
+        current = paths.get(kind) or _DEFAULT
+        saved = saved_lenses(name, kind)
+        options = [_DEFAULT, *saved]
+        other_key = f"lens_other_{kind}"
+        if current not in options:
+            st.session_state[other_key] = True
+        options.append(_OTHER)
+        index = len(options) - 1 if st.session_state.get(other_key) else options.index(current)
+        pick = st.selectbox(
+            f"{kind} lens", options, index=index,
+            format_func=lambda o: ("default (shipped for this model, if any)" if o == _DEFAULT
+                                   else "another path…" if o == _OTHER else o),
+            help=f"Lenses saved under lenses/{folder_name(name)}/ in the allowed folders are "
+            "listed; the Train page saves there.",
+        )
+        st.session_state[other_key] = pick == _OTHER
+        if pick != _OTHER:
+            paths[kind] = pick or None
+            continue
+        text = st.text_input(f"Path of the {kind} lens", value="" if current == _DEFAULT
+                             else current, key=f"lens_path_{kind}")
+        if text.strip():
+            checked = report(lens_file, text)
+            if checked is not None:
+                paths[kind] = checked
+
+
+# --- evaluation -------------------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def evaluation(
+    name: str,
+    device: str,
+    dtype: str,
+    lenses: tuple[tuple[str, str | None], ...],
+    corpus: str | None,
+    stamp: tuple[int, int, int],
+    tokens: int,
+    seq_len: int,
+    held_out: float | None,
+    seed: int,
+) -> Any:
+    """Per-layer metrics of ``(kind, path)`` lenses over a corpus, with a progress bar.
+
+    Cached on every input; ``stamp`` (:func:`corpus_stamp`) notices a changed corpus.
+    """
+    from lenskit.evaluation import evaluate
+
+    model = load_model(name, device, dtype)
+    named = {kind: load_lens(kind, name, device, dtype, path) for kind, path in lenses}
+    bar = st.progress(0.0, text="Reading the corpus…")
+
+    def show(p: Any) -> None:
+        bar.progress(p.fraction, text=f"Evaluating: {p.done:,} / {p.total:,} tokens · "
+                     f"{p.tokens_per_s:,.0f} tokens/s · {eta_text(p.eta_seconds)} left")
+
+    try:
+        return evaluate(model, named, corpus, tokens=tokens, seq_len=seq_len, held_out=held_out,
+                        seed=seed, progress=False, on_progress=show)
+    finally:
+        bar.empty()
+
+
+def eta_text(seconds: float) -> str:
+    """``seconds`` as ``1 min 05 s`` (``—`` when unknown)."""
+    if seconds != seconds or seconds == float("inf"):
+        return "—"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def checkpoint_config(out: str, mtime_ns: int) -> Any:
+    """The settings of the unfinished run in ``out`` (cached on the checkpoint's time)."""
+    from lenskit.training import checkpoint_config as read
+
+    return read(out)
+
+
+def train_lens(model: Any, config: Any, out: Path, *, resume: bool,
+               on_progress: Callable[[Any], None]) -> Any:
+    """Train a tuned lens into ``out`` (created here), reporting to ``on_progress``."""
+    from lenskit.training import train_tuned_lens
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LenskitError(f"cannot create {out} ({err.strerror or type(err).__name__}): "
+                           "choose a writable folder") from err
+    return train_tuned_lens(model, config, out, resume=resume, progress=False,
+                            on_progress=on_progress)
+

@@ -95,8 +95,15 @@ def bench_trajectory(repeats: int) -> dict[str, object]:
     tokens = torch.randint(100, 40000, (1, PROMPT_TOKENS), generator=gen)
     tokens[0, 0] = model.tokenizer.bos_token_id
     lenskit.trajectory(model, lens, tokens)  # warm-up
-    ours, plain = [], []
+    from lenskit.residual import capture
+
+    rows = capture(model, tokens).lens_rows()[:-1, 0]  # every block input, [layer, pos, d]
+    ours, plain, floor = [], [], []
     for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            lens.adapter.readout(rows)  # the unembedding alone: the floor of any exact method
+        floor.append(time.perf_counter() - t)
         t = time.perf_counter()
         traj = lenskit.trajectory(model, lens, tokens, target=" Paris")
         ours.append(time.perf_counter() - t)
@@ -110,10 +117,20 @@ def bench_trajectory(repeats: int) -> dict[str, object]:
         "rows": len(traj.layer_labels),
         "lenskit_trajectory_s": ours,
         "plain_transformer_lens_s": plain,
+        "readout_only_s": floor,
         "lenskit_median_s": statistics.median(ours),
         "plain_median_s": statistics.median(plain),
+        "readout_only_median_s": statistics.median(floor),
         "max_abs_kl_difference_bits": kl_diff,
     }
+
+
+def _previous_load() -> dict[str, object]:
+    """The load timings of the last full run (``--skip-load`` re-times only the trajectory)."""
+    path = HERE / "results" / "foundation.json"
+    if not path.exists():
+        raise SystemExit("no earlier results to keep: run once without --skip-load")
+    return json.loads(path.read_text())["load"]
 
 
 def main() -> None:
@@ -121,6 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cold-repeats", type=int, default=1)
+    parser.add_argument("--skip-load", action="store_true", help="only time the trajectory")
     args = parser.parse_args()
     result = {
         "machine": {
@@ -129,7 +147,7 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "load": bench_load(args.repeats, args.cold_repeats),
+        "load": _previous_load() if args.skip_load else bench_load(args.repeats, args.cold_repeats),
         "trajectory": bench_trajectory(args.repeats),
     }
     (HERE / "results").mkdir(exist_ok=True)
@@ -140,7 +158,8 @@ def main() -> None:
           f"(after {load['import_median_s']:.2f} s of imports: torch, TransformerLens)")
     print(f"trajectory, {traj['prompt_tokens']} tokens x {traj['rows']} rows: "
           f"lenskit {traj['lenskit_median_s']:.2f} s, "
-          f"plain TransformerLens loop {traj['plain_median_s']:.2f} s")
+          f"plain TransformerLens loop {traj['plain_median_s']:.2f} s, "
+          f"unembedding alone {traj['readout_only_median_s']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets
 # ``func`` to a ``run(args) -> int`` callable.
-COMMANDS = ("trajectory", "train", "fit-jacobian", "eval")
+COMMANDS = ("trajectory", "train", "fit-jacobian", "eval", "causal-basis")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ then the model's final residual (labelled ``output``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +20,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lenskit.errors import LenskitError
-from lenskit.lenses.base import Lens
+from lenskit.lenses.base import Lens, row_blocks
 from lenskit.metrics import divergences
-from lenskit.residual import capture, tokenize
+from lenskit.residual import capture, token_texts
+from lenskit.trajectory import Trajectory, TrajectoryBuilder, prompt_tokens, resolve_target
 
-__all__ = ["MEASURES", "LensDivergence", "lens_divergence"]
+__all__ = ["MEASURES", "Comparison", "LensDivergence", "compare", "lens_divergence"]
 
-_CELLS_PER_CHUNK = 512  # positions per lens call: bounds the [chunk, d_vocab] temporaries
+_CELLS_PER_READOUT = 512  # cells per unembedding matmul (see lenskit.lenses.base.row_blocks)
+_CELLS_PER_PASS = 16  # cells per divergence pass: its temporaries stay in the CPU cache
 MEASURES: dict[str, str] = {
     "kl": "KL(a ‖ b) (bits)",
     "js": "Jensen-Shannon (bits)",
@@ -131,6 +133,61 @@ class LensDivergence:
         return frame
 
 
+class _DivergenceCells:
+    """Per-cell divergence arrays of two lenses, filled row by row."""
+
+    def __init__(self, lens_a: Lens, lens_b: Lens, n_pos: int) -> None:
+        n_rows = lens_a.adapter.n_rows
+        self.lens_a, self.lens_b = lens_a, lens_b
+        self.covered = torch.tensor([lens_a.covers(r) and lens_b.covers(r)
+                                     for r in range(n_rows)])
+        self.kl = torch.full((n_rows, n_pos), math.nan)
+        self.js, self.tv = self.kl.clone(), self.kl.clone()
+        self.top_a = torch.full((n_rows, n_pos), -1, dtype=torch.long)
+        self.top_b = self.top_a.clone()
+
+    def add(self, row: int, logits_a: Tensor, logits_b: Tensor) -> None:
+        for start in range(0, logits_a.shape[0], _CELLS_PER_PASS):
+            cells = slice(start, start + _CELLS_PER_PASS)
+            kl_ab, js_ab, tv_ab = divergences(logits_a[cells], logits_b[cells])
+            self.kl[row, cells] = kl_ab.clamp_min(0.0).float()
+            self.js[row, cells] = js_ab.clamp_min(0.0).float()
+            self.tv[row, cells] = tv_ab.float()
+        self.top_a[row] = logits_a.argmax(-1)
+        self.top_b[row] = logits_b.argmax(-1)
+
+    def finish(self, model: Any, tokens: Tensor, prompt: str | Tensor) -> LensDivergence:
+        adapter, n_pos = self.lens_a.adapter, tokens.shape[-1]
+
+        def grid(ids: Tensor) -> tuple[tuple[str, ...], ...]:
+            return tuple(tuple(row) for row in token_texts(model.tokenizer, ids))
+
+        return LensDivergence(
+            model_name=adapter.name,
+            lens_a=self.lens_a.kind,
+            lens_b=self.lens_b.kind,
+            prompt=prompt if isinstance(prompt, str) else f"<{n_pos} token ids>",
+            token_ids=tokens[0].cpu(),
+            tokens=tuple(token_texts(model.tokenizer, tokens[0])),
+            layer_labels=tuple(adapter.row_label(r) for r in range(adapter.n_rows)),
+            covered=self.covered,
+            kl=self.kl,
+            js=self.js,
+            tv=self.tv,
+            top1_a=grid(self.top_a),
+            top1_b=grid(self.top_b),
+        )
+
+
+def _check_model(model: Any, lenses: Sequence[Lens]) -> None:
+    for lens in lenses:
+        if lens.adapter.model is not model:
+            raise LenskitError(
+                f"this {lens.kind} lens was built for another model object: build it with "
+                "get_lens(kind, model) for this model"
+            )
+
+
 def lens_divergence(
     model: Any,
     lens_a: Lens,
@@ -141,8 +198,8 @@ def lens_divergence(
 ) -> LensDivergence:
     """Compare two lenses' full next-token distributions at every row and position.
 
-    The model runs once; each covered row is then read through both lenses
-    (``lens(hidden, layer)``) a chunk of positions at a time.
+    The model runs once; the covered rows are then read through both lenses a block
+    of rows at a time (:meth:`Lens.read_rows`).
 
     Args:
         model: A ``TransformerBridge``.
@@ -158,66 +215,96 @@ def lens_divergence(
     Raises:
         LenskitError: If a lens was built for another model or the prompt is bad.
     """
-    for lens in (lens_a, lens_b):
-        if lens.adapter.model is not model:
-            raise LenskitError(
-                f"this {lens.kind} lens was built for another model object: build it with "
-                "get_lens(kind, model) for this model"
-            )
-    tokens = tokenize(model, prompt)
-    if tokens.shape[0] != 1:
-        raise LenskitError("lens_divergence reads one prompt at a time: pass a single sequence")
-    adapter = lens_a.adapter
+    _check_model(model, (lens_a, lens_b))
+    tokens = prompt_tokens(model, prompt)
+    rows = capture(model, tokens, logits=False).lens_rows()[:, 0]  # [layer, pos, d_model]
+    cells = _DivergenceCells(lens_a, lens_b, tokens.shape[-1])
+    todo = [r for r in range(len(cells.covered)) if cells.covered[r]]
+    done = 0
+    with torch.no_grad():
+        for block in row_blocks(todo, tokens.shape[-1], _CELLS_PER_READOUT):
+            block_a = lens_a.read_rows(rows[block], block)  # [rows in block, pos, d_vocab]
+            block_b = lens_b.read_rows(rows[block], block)
+            for row, logits_a, logits_b in zip(block, block_a, block_b, strict=True):
+                cells.add(row, logits_a, logits_b)
+                done += 1
+                if progress is not None:
+                    progress(done, len(todo))
+    return cells.finish(model, tokens, prompt)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Several lenses' trajectories over one prompt, and the divergence of one pair.
+
+    Attributes:
+        trajectories: One :class:`~lenskit.trajectory.Trajectory` per lens, in order.
+        divergence: The divergence between the chosen pair, or None.
+    """
+
+    trajectories: tuple[Trajectory, ...]
+    divergence: LensDivergence | None
+
+
+def compare(
+    model: Any,
+    lenses: Sequence[Lens],
+    prompt: str | Tensor,
+    *,
+    pair: tuple[int, int] | None = (0, 1),
+    target: str | int | None = None,
+    top_k: int = 10,
+) -> Comparison:
+    """Trajectories of several lenses and the divergence of two, sharing every readout.
+
+    Equal to calling :func:`~lenskit.trajectory.trajectory` for each lens and
+    :func:`lens_divergence` for the pair, but the model runs once and each lens reads
+    each row once: the unembedding matmuls, which dominate the cost, are not repeated.
+
+    Args:
+        model: A ``TransformerBridge``.
+        lenses: Lenses built for ``model``.
+        prompt: Text (tokenized with the model's BOS token) or token ids.
+        pair: Indices into ``lenses`` of the divergence's ``(a, b)``, or None for none.
+        target: A token (text or id) whose probability and rank to follow.
+        top_k: Top tokens kept per cell.
+
+    Returns:
+        The :class:`Comparison`.
+    """
+    lenses = list(lenses)
+    if not lenses:
+        raise LenskitError("no lenses to compare: pass at least one")
+    _check_model(model, lenses)
+    if pair is not None and (len(set(pair)) != 2 or not all(0 <= i < len(lenses) for i in pair)):
+        raise LenskitError(f"pair {pair} must name two different lenses among 0..{len(lenses) - 1}")
+    resolved = None if target is None else resolve_target(model.tokenizer, target)
+    tokens = prompt_tokens(model, prompt)
     cap = capture(model, tokens)
     rows = cap.lens_rows()[:, 0]  # [layer, pos, d_model]
-    n_rows, n_pos = rows.shape[0], rows.shape[1]
-    covered = torch.tensor([lens_a.covers(r) and lens_b.covers(r) for r in range(n_rows)])
-
-    kl = torch.full((n_rows, n_pos), math.nan)
-    js, tv = kl.clone(), kl.clone()
-    top_a = torch.full((n_rows, n_pos), -1, dtype=torch.long)
-    top_b = top_a.clone()
-    todo = [r for r in range(n_rows) if covered[r]]
+    n_pos, out = tokens.shape[-1], lenses[0].adapter.n_layers
+    builders = [TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k)
+                for lens in lenses]
+    cells = None if pair is None else _DivergenceCells(lenses[pair[0]], lenses[pair[1]], n_pos)
+    wanted = sorted({r for b in builders for r in b.lens_rows()}
+                    | ({r for r in range(out + 1) if cells.covered[r]} if cells else set()))
     with torch.no_grad():
-        for done, row in enumerate(todo, start=1):
-            for start in range(0, n_pos, _CELLS_PER_CHUNK):
-                cells = slice(start, start + _CELLS_PER_CHUNK)
-                hidden = rows[row, cells]
-                logits_a, logits_b = lens_a(hidden, row), lens_b(hidden, row)
-                kl_ab, js_ab, tv_ab = divergences(logits_a, logits_b)
-                kl[row, cells] = kl_ab.clamp_min(0.0).float()
-                js[row, cells] = js_ab.clamp_min(0.0).float()
-                tv[row, cells] = tv_ab.float()
-                top_a[row, cells] = logits_a.argmax(-1)
-                top_b[row, cells] = logits_b.argmax(-1)
-            if progress is not None:
-                progress(done, len(todo))
-
-    decode = model.tokenizer.decode
-    vocab_text: dict[int, str] = {}
-
-    def text(i: int) -> str:
-        if i < 0:
-            return ""
-        if i not in vocab_text:
-            vocab_text[i] = decode([i])
-        return vocab_text[i]
-
-    def grid(ids: Tensor) -> tuple[tuple[str, ...], ...]:
-        return tuple(tuple(text(i) for i in row) for row in ids.tolist())
-
-    return LensDivergence(
-        model_name=adapter.name,
-        lens_a=lens_a.kind,
-        lens_b=lens_b.kind,
-        prompt=prompt if isinstance(prompt, str) else f"<{n_pos} token ids>",
-        token_ids=tokens[0].cpu(),
-        tokens=tuple(text(i) for i in tokens[0].tolist()),
-        layer_labels=tuple(adapter.row_label(r) for r in range(n_rows)),
-        covered=covered,
-        kl=kl,
-        js=js,
-        tv=tv,
-        top1_a=grid(top_a),
-        top1_b=grid(top_b),
+        for block in row_blocks(wanted, n_pos, _CELLS_PER_READOUT):
+            read = {}
+            for i, (lens, builder) in enumerate(zip(lenses, builders, strict=True)):
+                mine = [r for r in block if lens.covers(r)
+                        and (r in builder.lens_rows() or (cells and i in pair and r == out))]
+                if mine:
+                    read[i] = dict(zip(mine, lens.read_rows(rows[mine], mine), strict=True))
+            for i, builder in enumerate(builders):
+                for row in builder.lens_rows():
+                    if row in read.get(i, {}):
+                        builder.add(row, read[i][row])
+            if cells is not None:
+                for row in block:
+                    if cells.covered[row]:
+                        cells.add(row, read[pair[0]][row], read[pair[1]][row])
+    return Comparison(
+        trajectories=tuple(b.finish(prompt) for b in builders),
+        divergence=None if cells is None else cells.finish(model, tokens, prompt),
     )

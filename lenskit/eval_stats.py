@@ -40,6 +40,9 @@ PER_BYTE = ("kl_bits", "ce_bits", "entropy_bits")
 SE_UNIT = "chunk"
 MODEL_NOTE = "the model's own output (reference): KL 0 and top-1 agreement 1 by definition"
 UNCOVERED_NOTE = "not covered by this lens"
+REFERENCE_OBJECTIVE = "reference"
+"""The ``objective`` of the model's own row (each lens row names what its lens was fitted
+for; see :data:`lenskit.evaluation.OBJECTIVES`)."""
 
 
 def _metric_columns() -> list[str]:
@@ -47,7 +50,8 @@ def _metric_columns() -> list[str]:
     return [col for name in names for col in (name, f"{name}_se")]
 
 
-COLUMNS = ("lens", "kind", "layer", "layer_label", *_metric_columns(), "covered", "note")
+COLUMNS = ("lens", "kind", "layer", "layer_label", *_metric_columns(), "covered",
+           "objective", "note")
 TRANSFER_COLUMNS = ("lens", "translator", "layer", "kl_bits", "kl_bits_se")
 
 
@@ -96,6 +100,7 @@ def metrics_frame(
     *,
     tokens_per_byte: float,
     notes: dict[str, str],
+    objectives: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """The long metrics table (:data:`COLUMNS`) from the running moments.
 
@@ -107,6 +112,8 @@ def metrics_frame(
         reference: Per-chunk moments of the model's own cross-entropy and entropy.
         tokens_per_byte: Tokens per UTF-8 byte of text (NaN: per-byte columns are NaN).
         notes: Per lens name, a note for each of its rows.
+        objectives: Per lens name, what the lens was fitted for (``objective`` column;
+            missing names are ``"unspecified"``).
     """
     nan, n_layers = math.nan, len(labels) - 1
     mean, se = moments.mean.tolist(), moments.se().tolist()
@@ -120,13 +127,15 @@ def metrics_frame(
                 row[metric] = mean[i][layer][m] if ok else nan
                 row[f"{metric}_se"] = se[i][layer][m] if ok else nan
             text = [notes.get(name, ""), "" if ok else UNCOVERED_NOTE]
-            records.append({**row, "covered": ok, "note": "; ".join(t for t in text if t)})
+            records.append({**row, "covered": ok,
+                            "objective": (objectives or {}).get(name, "unspecified"),
+                            "note": "; ".join(t for t in text if t)})
     (ce, entropy), (ce_se, entropy_se) = reference.mean.tolist(), reference.se().tolist()
     records.append({"lens": "model", "kind": "model", "layer": n_layers,
                     "layer_label": labels[n_layers], "kl_bits": 0.0, "kl_bits_se": 0.0,
                     "ce_bits": ce, "ce_bits_se": ce_se, "entropy_bits": entropy,
                     "entropy_bits_se": entropy_se, "top1_agree": 1.0, "top1_agree_se": 0.0,
-                    "covered": True, "note": MODEL_NOTE})
+                    "covered": True, "objective": REFERENCE_OBJECTIVE, "note": MODEL_NOTE})
     for record in records:
         for metric in PER_BYTE:
             for suffix in ("", "_se"):
@@ -166,7 +175,9 @@ class EvalResult:
             reference row for the model's own output (``lens="model"``, ``layer=n_layers``);
             columns :data:`COLUMNS`. Layers a lens does not cover are NaN.
         model: The model's name.
-        lenses: Per lens name: ``kind`` and ``source`` (a path, or None).
+        lenses: Per lens name: ``kind``, ``source`` (a path, or None) and ``objective``
+            (what the lens was fitted for: every lens's KL to the model's output is
+            reported, also for lenses not trained to lower it, such as the J-lens).
         source: Where the text came from.
         tokens: Tokens read by the model (``chunks * seq_len``).
         scored_tokens: Positions scored: all but the last of each chunk, which has no next

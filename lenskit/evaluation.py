@@ -5,6 +5,12 @@ the model once and every lens reads the same residuals. Only per-chunk means are
 (merged into running moments, see :mod:`lenskit.eval_stats`), so memory stays flat as the
 token count grows. :func:`layer_kl_sums` and :func:`layer_kl` are the lean KL-only version
 that training uses.
+
+Every lens is scored against the model's output, whatever it was fitted for: the
+``objective`` column says which lenses were trained to match that output (the tuned lens)
+and which were not (the logit lens has no parameters; the J-lens averages Jacobians).
+Rows a lens does not cover (the J-lens's ``L0``) are skipped and reported as NaN with
+``covered`` False.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from lenskit.lenses.base import Lens
 from lenskit.lenses.tuned import TunedLens
 from lenskit.metrics import LN2, Reference, row_stats
 from lenskit.models import ModelAdapter
+from lenskit.progress import Progress, ProgressCallback
 from lenskit.residual import capture
 
-__all__ = ["ROWS_PER_READOUT", "EvalResult", "eval_chunks", "evaluate", "kl_nats", "layer_kl",
-           "layer_kl_sums"]
+__all__ = ["OBJECTIVES", "ROWS_PER_READOUT", "EvalResult", "eval_chunks", "evaluate", "kl_nats",
+           "layer_kl", "layer_kl_sums", "lens_objective"]
 
 ROWS_PER_READOUT = 512  # rows per unembedding matmul: near peak speed, memory stays flat
 
@@ -58,6 +65,7 @@ def layer_kl_sums(
     """Summed ``KL(model output || lens)`` in nats per lens and block input, over all tokens.
 
     Each batch of chunks runs through the model once; every lens reads the same residuals.
+    Block inputs a lens does not cover are skipped and NaN.
 
     Args:
         model: A ``TransformerBridge``.
@@ -67,12 +75,14 @@ def layer_kl_sums(
         progress: Show a tqdm bar.
 
     Returns:
-        ``[len(lenses), n_layers]`` float64 sums (divide by ``tokens.numel()`` for means).
+        ``[len(lenses), n_layers]`` float64 sums (divide by ``tokens.numel()`` for means),
+        NaN where a lens does not cover the layer.
     """
     if batch_size < 1:
         raise LenskitError(f"batch_size must be >= 1, got {batch_size}: pass a positive size")
     n_layers = int(model.cfg.n_layers)
     sums = torch.zeros(len(lenses), n_layers, dtype=torch.float64)
+    covered = [[lens.covers(layer) for layer in range(n_layers)] for lens in lenses]
     starts = range(0, tokens.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -90,8 +100,10 @@ def layer_kl_sums(
                                  reference.neg_entropy[lo : lo + ROWS_PER_READOUT])
                 for i, lens in enumerate(lenses):
                     for layer in range(n_layers):
-                        logits = lens(rows[layer, lo : lo + ROWS_PER_READOUT], layer)
-                        sums[i, layer] += kl_nats(part, logits).double().sum().cpu()
+                        if covered[i][layer]:
+                            logits = lens(rows[layer, lo : lo + ROWS_PER_READOUT], layer)
+                            sums[i, layer] += kl_nats(part, logits).double().sum().cpu()
+    sums[~torch.tensor(covered, dtype=torch.bool).view(len(lenses), n_layers)] = math.nan
     return sums
 
 
@@ -113,11 +125,13 @@ def layer_kl(
         progress: Show a tqdm bar.
 
     Returns:
-        One row per block input: columns ``layer`` and ``kl_bits``.
+        One row per block input: columns ``layer``, ``kl_bits`` (NaN where the lens does
+        not cover the layer) and ``covered``.
     """
     sums = layer_kl_sums(model, [lens], chunks.tokens, batch_size=batch_size, progress=progress)
     means = (sums[0] / chunks.n_tokens / LN2).tolist()
-    frame = pd.DataFrame({"layer": list(range(len(means))), "kl_bits": means})
+    frame = pd.DataFrame({"layer": list(range(len(means))), "kl_bits": means,
+                          "covered": [lens.covers(layer) for layer in range(len(means))]})
     frame.attrs.update(model=lens.adapter.name, lens=lens.kind, source=chunks.source,
                        tokens=chunks.n_tokens)
     return frame
@@ -128,8 +142,23 @@ DEFAULT_SEQ_LEN = 256
 STATS_DTYPE = torch.float32
 _KIND_NOTES = {
     "jacobian": "J-lens: an average Jacobian, fitted without a KL objective (not trained to "
-                "minimise KL); layers without a fitted matrix are NaN",
+                "minimise KL to the model's output); layers without a fitted matrix are NaN",
 }
+OBJECTIVES = {
+    "logit": "none",  # no parameters: the model's own final norm and unembedding
+    "tuned": "kl_to_output",  # trained to minimise KL to the model's output
+    "jacobian": "average_jacobian",  # fitted as a mean Jacobian, not to match the output
+}
+"""What each built-in lens kind was fitted for (the ``objective`` column). Other kinds
+name theirs with a class attribute ``objective``; without one it is ``"unspecified"``."""
+
+
+def lens_objective(lens: Lens) -> str:
+    """What ``lens`` was fitted for: its class's ``objective``, or :data:`OBJECTIVES`."""
+    declared = getattr(type(lens), "objective", None)
+    if isinstance(declared, str) and declared:
+        return declared
+    return OBJECTIVES.get(lens.kind, "unspecified")
 
 
 def _named_lenses(
@@ -248,6 +277,7 @@ def evaluate(
     transfer: bool = False,
     held_out: float | None = None,
     progress: bool = True,
+    on_progress: ProgressCallback | None = None,
 ) -> EvalResult:
     """Per-layer metrics of lenses over a corpus, with standard errors over chunks.
 
@@ -256,7 +286,8 @@ def evaluate(
     scored (the last has no next token in the chunk): ``KL(model output || lens)``, the
     cross-entropy of the actual next token, the lens's entropy (bits) and whether its
     top-1 is the model's top-1. The readout runs in the model's dtype, the statistics of
-    its logits in float64. Only per-chunk means are kept, so memory does not grow
+    its logits in float32 (:data:`STATS_DTYPE`), summed per chunk in float64. Only
+    per-chunk means are kept, so memory does not grow
     with ``tokens``. See :class:`~lenskit.eval_stats.EvalResult` for the table.
 
     Args:
@@ -273,6 +304,8 @@ def evaluate(
         held_out: Evaluate only the held-out documents of ``split_documents(corpus,
             held_out, seed=seed)``, the split ``lenskit train`` holds out.
         progress: Show a tqdm bar with tokens per second.
+        on_progress: Called with a :class:`~lenskit.progress.Progress` (phase
+            ``"evaluate"``) after every batch; if it raises, the evaluation stops.
 
     Returns:
         The :class:`~lenskit.eval_stats.EvalResult`.
@@ -310,19 +343,23 @@ def evaluate(
             if transfer_moments is not None:
                 transfer_moments.add(sums["transfer"])
             bar.update(batch.numel())
+            if on_progress is not None:
+                done, spent = (start + len(batch)) * seq_len, time.perf_counter() - tic
+                on_progress(Progress("evaluate", done, chunks.n_tokens, done / spent, spent))
     seconds = time.perf_counter() - tic
     notes = {name: _KIND_NOTES[lens.kind] for name, lens in named.items()
              if lens.kind in _KIND_NOTES}
+    objectives = {name: lens_objective(lens) for name, lens in named.items()}
     frame = metrics_frame(
         {name: lens.kind for name, lens in named.items()}, covered,
         [adapter.row_label(row) for row in range(adapter.n_rows)], moments, reference_moments,
         tokens_per_byte=chunks.n_tokens / chunks.n_bytes if chunks.n_bytes else math.nan,
-        notes=notes)
+        notes=notes, objectives=objectives)
     table = None if transfer_moments is None else transfer_frame(tuned, transfer_moments)
     return EvalResult(
         metrics=frame, model=adapter.name,
-        lenses={name: {"kind": lens.kind, "source": getattr(lens, "source", None)}
-                for name, lens in named.items()},
+        lenses={name: {"kind": lens.kind, "source": getattr(lens, "source", None),
+                       "objective": objectives[name]} for name, lens in named.items()},
         source=chunks.source, tokens=chunks.n_tokens, scored_tokens=len(chunks) * (seq_len - 1),
         chunks=len(chunks), seq_len=seq_len, n_bytes=chunks.n_bytes, seed=seed,
         seconds=seconds, transfer=table, notes=notes)

@@ -28,12 +28,13 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from lenskit.errors import LenskitError
-from lenskit.io import atomic_open, atomic_write_json, atomic_write_text
+from lenskit.io import atomic_open, atomic_write_json
 
 __all__ = [
     "FIGURE_FORMATS",
     "REQUIRED_METADATA",
     "TABLE_FORMATS",
+    "figure_bytes",
     "find_browser",
     "load_table",
     "save_figure",
@@ -75,6 +76,72 @@ def _suffix(path: Path, allowed: tuple[str, ...], what: str) -> str:
     return suffix
 
 
+def figure_bytes(
+    fig: go.Figure,
+    fmt: str,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    scale: int | float = 2.0,
+    include_plotlyjs: bool | str = True,
+    timeout: int | float = 90.0,
+) -> bytes:
+    """A figure as the bytes of an HTML page or an image (for a download or a file).
+
+    Args:
+        fig: The figure.
+        fmt: A suffix of :data:`FIGURE_FORMATS`, with or without the dot (``"png"``).
+        width: Image width in layout pixels (default: the figure's, else 900).
+        height: Image height in layout pixels (default: the figure's, else 600).
+        scale: Pixel density of raster images (2 = sharp on high-DPI screens).
+        include_plotlyjs: For HTML: ``True`` embeds plotly.js (works offline,
+            ~4.5 MB), ``"cdn"`` links to it (small, needs the internet).
+        timeout: Seconds to wait for the browser to draw an image.
+
+    Raises:
+        LenskitError: For an unknown format, or an image format with no browser.
+    """
+    suffix = _suffix(Path(f"figure.{str(fmt).lstrip('.')}"), FIGURE_FORMATS, "figure")
+    if suffix == ".html":
+        page = fig.to_html(
+            include_plotlyjs=include_plotlyjs, full_html=True,
+            config={"displaylogo": False, "toImageButtonOptions": {"scale": 2}},
+        )
+        return page.encode("utf-8")
+    browser = find_browser()
+    if browser is None:
+        where = os.environ.get(BROWSER_ENV)
+        problem = (f"{BROWSER_ENV}={where!r} is not an executable" if where
+                   else "no Chrome or Chromium was found")
+        raise LenskitError(
+            f"{problem} for {suffix} export: install one (e.g. `apt install chromium`), set "
+            f"{BROWSER_ENV} to it, or save as .html"
+        )
+    import kaleido
+    from kaleido.errors import ChromeNotFoundError
+
+    opts = {
+        "format": suffix.lstrip("."),
+        "width": width or fig.layout.width or 900,
+        "height": height or fig.layout.height or 600,
+        "scale": scale,
+    }
+    kopts = {"path": browser, "mathjax": False, "timeout": timeout}
+    try:
+        return kaleido.calc_fig_sync(fig, opts=opts, kopts=kopts)
+    except ChromeNotFoundError as err:
+        raise LenskitError(
+            f"kaleido could not start the browser at {browser}: set {BROWSER_ENV} to a working "
+            "Chrome or Chromium, or save as .html"
+        ) from err
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LenskitError(
+            f"{suffix} export failed in {browser} ({first}): save as .html, or check the "
+            "browser runs headless"
+        ) from err
+
+
 def save_figure(
     fig: go.Figure,
     path: str | os.PathLike[str],
@@ -104,46 +171,9 @@ def save_figure(
         LenskitError: For an unknown suffix, or an image format with no browser.
     """
     target = Path(path)
-    suffix = _suffix(target, FIGURE_FORMATS, "figure")
-    if suffix == ".html":
-        page = fig.to_html(
-            include_plotlyjs=include_plotlyjs, full_html=True,
-            config={"displaylogo": False, "toImageButtonOptions": {"scale": 2}},
-        )
-        atomic_write_text(target, page)
-        return target
-    browser = find_browser()
-    if browser is None:
-        where = os.environ.get(BROWSER_ENV)
-        problem = (f"{BROWSER_ENV}={where!r} is not an executable" if where
-                   else "no Chrome or Chromium was found")
-        raise LenskitError(
-            f"{problem} for {suffix} export: install one (e.g. `apt install chromium`), set "
-            f"{BROWSER_ENV} to it, or save as .html"
-        )
-    import kaleido
-    from kaleido.errors import ChromeNotFoundError
-
-    opts = {
-        "format": suffix.lstrip("."),
-        "width": width or fig.layout.width or 900,
-        "height": height or fig.layout.height or 600,
-        "scale": scale,
-    }
-    kopts = {"path": browser, "mathjax": False, "timeout": timeout}
-    try:
-        data = kaleido.calc_fig_sync(fig, opts=opts, kopts=kopts)
-    except ChromeNotFoundError as err:
-        raise LenskitError(
-            f"kaleido could not start the browser at {browser}: set {BROWSER_ENV} to a working "
-            "Chrome or Chromium, or save as .html"
-        ) from err
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LenskitError(
-            f"{suffix} export failed in {browser} ({first}): save as .html, or check the "
-            "browser runs headless"
-        ) from err
+    data = figure_bytes(fig, _suffix(target, FIGURE_FORMATS, "figure"), width=width,
+                        height=height, scale=scale, include_plotlyjs=include_plotlyjs,
+                        timeout=timeout)
     with atomic_open(target, "wb") as handle:
         handle.write(data)
     return target

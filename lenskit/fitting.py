@@ -218,7 +218,8 @@ def fit_closed_form(
     adapter = ModelAdapter(model)
     normal = NormalEquations(adapter.n_layers, adapter.d_model, adapter.W_U.device)
     for start in range(0, tokens.shape[0], batch_size):
-        cap = capture(model, tokens[start : start + batch_size].to(adapter.W_U.device))
+        batch = tokens[start : start + batch_size].to(adapter.W_U.device)
+        cap = capture(model, batch, logits=False)
         rows = cap.stack("resid_pre").flatten(1, 2)
         normal.add(*normal.batch(rows, normalized_target(adapter, cap.final.flatten(0, 1))))
     lens = TunedLens(adapter, dtype=torch.float32)

@@ -237,6 +237,8 @@ def load_model(
             raise LenskitError(f"could not load model {name!r} ({first}): check the name") from err
     model.eval()
     model.lenskit_name = name
+    if name == DEFAULT_MODEL:  # its name, not the cache folder: J-lens files stay portable
+        model.cfg.model_name = name
     return model
 
 

@@ -13,6 +13,7 @@ Points (per block ``i``):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,15 @@ from torch import Tensor
 
 from lenskit.errors import LenskitError
 
-__all__ = ["POINTS", "ResidualCapture", "capture", "hook_names", "residual_stack", "tokenize"]
+__all__ = [
+    "POINTS",
+    "ResidualCapture",
+    "capture",
+    "hook_names",
+    "residual_stack",
+    "token_texts",
+    "tokenize",
+]
 
 POINTS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post")
 _HOOK = {
@@ -48,13 +57,14 @@ class ResidualCapture:
 
     Attributes:
         tokens: The input token ids.
-        logits: The model's own output logits.
+        logits: The model's own output logits (None if the pass stopped at the final
+            residual, see ``capture(..., logits=False)``).
         points: For each requested point, a stack over blocks.
         final: The model's final residual (output of the last block).
     """
 
     tokens: Int[Tensor, "batch pos"]
-    logits: Float[Tensor, "batch pos d_vocab"]
+    logits: Float[Tensor, "batch pos d_vocab"] | None
     points: dict[str, Float[Tensor, "layer batch pos d_model"]] = field(repr=False)
     final: Float[Tensor, "batch pos d_model"] = field(repr=False)
 
@@ -101,11 +111,16 @@ def tokenize(model: Any, prompt: str | Sequence[int] | Tensor) -> Int[Tensor, "b
     return tokens
 
 
+class _FinalResidualReached(Exception):
+    """Raised by the final-residual hook to end a forward pass early."""
+
+
 def capture(
     model: Any,
     tokens: Int[Tensor, "batch pos"],
     *,
     points: Sequence[str] = ("resid_pre",),
+    logits: bool = True,
 ) -> ResidualCapture:
     """Run the model once and capture residual points of every block.
 
@@ -113,6 +128,8 @@ def capture(
         model: A ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids.
         points: Which points to capture (see :data:`POINTS`).
+        logits: Also run the final norm and unembedding. With False the pass stops at
+            the final residual, which saves the ``d_model x d_vocab`` matmul per token.
 
     Returns:
         The captured activations, detached, and the model's logits.
@@ -120,22 +137,27 @@ def capture(
     n_layers = int(model.cfg.n_layers)
     store: dict[str, Tensor] = {}
 
+    final_name = f"blocks.{n_layers - 1}.hook_resid_post"
+
     def saver(name: str) -> Any:
         def save(activation: Tensor, hook: Any) -> None:
             store[name] = activation.detach()
+            if name == final_name and not logits:
+                raise _FinalResidualReached
 
         return save
 
-    final_name = f"blocks.{n_layers - 1}.hook_resid_post"
     wanted = {name for point in points for name in hook_names(n_layers, point)} | {final_name}
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, saver(n)) for n in sorted(wanted)]):
-        logits = model(tokens)
+    output = None
+    hooks = [(n, saver(n)) for n in sorted(wanted)]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks), contextlib.suppress(_FinalResidualReached):
+        output = model(tokens).detach()
     stacks = {
         point: torch.stack([store[name] for name in hook_names(n_layers, point)])
         for point in points
     }
     return ResidualCapture(
-        tokens=tokens, logits=logits.detach(), points=stacks, final=store[final_name]
+        tokens=tokens, logits=output, points=stacks, final=store[final_name]
     )
 
 
@@ -145,3 +167,20 @@ def residual_stack(
     """Every block input and the final residual, plus the model's logits, in one pass."""
     cap = capture(model, tokens)
     return cap.lens_rows(), cap.logits
+
+
+def token_texts(tokenizer: Any, ids: Tensor) -> list[Any]:
+    """Each token id decoded on its own, as a nested list shaped like ``ids``.
+
+    Ids below zero (a placeholder for "no token") decode to ``""``. Every distinct id
+    is decoded once, in one batch call.
+    """
+    unique = sorted({i for i in ids.reshape(-1).tolist() if i >= 0})
+    text = dict(zip(unique, tokenizer.batch_decode([[i] for i in unique]), strict=True))
+
+    def nest(values: Any) -> Any:
+        if isinstance(values, list):
+            return [nest(v) for v in values]
+        return text.get(values, "")
+
+    return nest(ids.tolist())

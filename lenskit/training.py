@@ -15,10 +15,11 @@ the same position, averaged over tokens, every layer weighted equally; the model
    each layer keeps whichever of start and fine-tuned translator has the lower KL on a
    validation slice of the training split.
 
-Checkpoints (``checkpoint.pt``) are written every ``checkpoint_every`` steps and on Ctrl-C;
-``resume=True`` continues with the same data order and optimizer state and ends with the
-same lens. Under ``torchrun`` (``WORLD_SIZE > 1``) each rank reads its own shard; gradients
-are averaged, statistics summed, and only rank 0 writes files and shows progress.
+Checkpoints (``checkpoint.pt``) are written every ``checkpoint_every`` steps, on Ctrl-C and
+when the ``on_progress`` callback raises (how the app stops a run); ``resume=True`` continues
+with the same data order and optimizer state and ends with the same lens. Under ``torchrun``
+(``WORLD_SIZE > 1``) each rank reads its own shard; gradients are averaged, statistics
+summed, and only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ from lenskit.lenses.logit import LogitLens
 from lenskit.lenses.tuned import CONFIG_FILE, TunedLens
 from lenskit.metrics import LN2
 from lenskit.models import ModelAdapter
+from lenskit.progress import Progress, ProgressCallback
 from lenskit.residual import capture
 
-__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "TrainConfig", "TrainResult", "train_tuned_lens"]
+__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "TrainConfig", "TrainResult",
+           "checkpoint_config", "train_tuned_lens"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
@@ -99,6 +102,25 @@ class TrainResult:
                              "tuned_kl_bits": self.tuned_kl})
 
 
+def _load_checkpoint(file: Path) -> tuple[dict[str, Any], TrainConfig]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        return state, TrainConfig.from_dict(state["config"])
+    except Exception as err:
+        raise LenskitError(f"{file} is corrupt ({type(err).__name__}): delete it to start "
+                           "over") from err
+
+
+def checkpoint_config(out_dir: str | os.PathLike[str]) -> TrainConfig | None:
+    """The settings of the unfinished run in ``out_dir`` (None: it holds no checkpoint).
+
+    Raises:
+        LenskitError: For a corrupt checkpoint.
+    """
+    file = Path(out_dir).expanduser() / CHECKPOINT_FILE
+    return _load_checkpoint(file)[1] if file.is_file() else None
+
+
 def _read_checkpoint(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     """The checkpoint to resume from (None to start afresh), after checking the settings."""
     file = out / CHECKPOINT_FILE
@@ -106,12 +128,8 @@ def _read_checkpoint(out: Path, config: TrainConfig) -> dict[str, Any] | None:
         if (out / CONFIG_FILE).is_file():
             raise LenskitError(f"training in {out} already finished: choose another --out")
         return None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        old = TrainConfig.from_dict(state["config"]).to_dict()
-    except Exception as err:
-        raise LenskitError(f"{file} is corrupt ({type(err).__name__}): delete it to start "
-                           "over") from err
+    state, old_config = _load_checkpoint(file)
+    old = old_config.to_dict()
     for key, value in config.to_dict().items():
         if key not in _RESUMABLE and old[key] != value:
             raise LenskitError(f"the checkpoint in {out} was made with {key}={old[key]!r}, not "
@@ -157,8 +175,10 @@ class _Run:
     """One training run's state, so that a checkpoint can be written at any moment."""
 
     def __init__(self, model: Any, config: TrainConfig, out: Path, dist: Dist,
-                 show: bool) -> None:
+                 show: bool, on_progress: ProgressCallback | None = None) -> None:
         self.model, self.config, self.out, self.dist, self.show = model, config, out, dist, show
+        self.on_progress = on_progress if dist.rank == 0 else None
+        self.stopped = False  # set when on_progress raised: the run stops with a checkpoint
         self.adapter = ModelAdapter(model)
         self.device = self.adapter.W_U.device
         self.lens = TunedLens(self.adapter, dtype=torch.float32)
@@ -183,6 +203,17 @@ class _Run:
     def seconds(self) -> float:
         """Wall time of this run, over all sessions."""
         return self.st["seconds"] + time.perf_counter() - self.clock
+
+    def report(self, phase: str, done: int, total: int, rate: float,
+               kl_bits: float | None = None) -> None:
+        """Call ``on_progress`` (at a point where the state is whole, so a raise can stop)."""
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(Progress(phase, done, total, rate, self.seconds(), kl_bits))
+        except BaseException:
+            self.stopped = True
+            raise
 
     def checkpoint(self) -> None:
         """Write the state atomically (rank 0 only)."""
@@ -209,15 +240,20 @@ class _Run:
         order = batch_indices(len(pool), n_chunks, seed=cfg.seed, step=0)
         batches = [order[i : i + per_batch] for i in range(0, n_chunks, per_batch)]
         done_tokens = sum(len(b) for b in batches[: st["done"]]) * cfg.seq_len
-        with _bar(self.show, n_chunks * cfg.seq_len, done_tokens, "closed-form start") as bar:
+        total, first = n_chunks * cfg.seq_len, done_tokens
+        with _bar(self.show, total, done_tokens, "closed-form start") as bar:
             for ids in batches[st["done"] :]:
-                cap = capture(self.model, pool[ids[dist.rank :: dist.world]].to(self.device))
+                cap = capture(self.model, pool[ids[dist.rank :: dist.world]].to(self.device),
+                              logits=False)
                 stats = normal.batch(cap.stack("resid_pre").flatten(1, 2),
                                      normalized_target(self.adapter, cap.final.flatten(0, 1)))
                 with deferred_interrupt():
                     normal.add(*stats)
                     st["done"] += 1
                 bar.update(len(ids) * cfg.seq_len)
+                done_tokens += len(ids) * cfg.seq_len
+                self.report("closed-form", done_tokens, total,
+                            (done_tokens - first) / (time.perf_counter() - tic))
         dist.sum_(normal.xtx)
         dist.sum_(normal.xty)
         set_translators(self.lens, *normal.solve(cfg.ridge))
@@ -267,10 +303,13 @@ class _Run:
                 self.kl_seconds += time.perf_counter() - tic
                 self.kl_tokens += n
                 bar.update(n)
-                bar.set_postfix(kl_bits=f"{float(sums[0].sum()) / n / n_layers / LN2:.3f}")
+                kl_bits = float(sums[0].sum()) / n / n_layers / LN2
+                bar.set_postfix(kl_bits=f"{kl_bits:.3f}")
                 every = cfg.checkpoint_every
                 if every and st["step"] % every == 0 and st["step"] < cfg.steps:
                     self.checkpoint()
+                self.report("fine-tune", st["step"] * n, cfg.steps * n,
+                            self.kl_tokens / self.kl_seconds, kl_bits)
 
     def keep_better(self, val: Tensor) -> list[int]:
         """Per layer, put back the start translator where it beats the fine-tuned one."""
@@ -291,6 +330,7 @@ def train_tuned_lens(
     resume: bool = False,
     progress: bool = True,
     command: str | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> TrainResult:
     """Train a tuned lens for ``model`` and write it, with ``metrics.json``, to ``out_dir``.
 
@@ -302,6 +342,10 @@ def train_tuned_lens(
         resume: Continue from ``out_dir``'s checkpoint (a fresh start if there is none).
         progress: Show tqdm bars (rank 0 only).
         command: The command line, recorded in ``metrics.json``.
+        on_progress: Called with a :class:`~lenskit.progress.Progress` after every batch of
+            the closed-form start and every KL step (rank 0 only). If it raises, a
+            checkpoint is written and the exception propagates: a way to stop a run that
+            ``resume=True`` continues.
 
     Returns:
         The :class:`TrainResult` (the same on every rank).
@@ -324,7 +368,7 @@ def train_tuned_lens(
             raise LenskitError(f"tokens_per_step/seq_len must be a multiple of the {dist.world} "
                                "ranks: change --tokens-per-step")
         ckpt = _check_out(out, resume, config)
-        run = _Run(model, config, out, dist, progress and dist.rank == 0)
+        run = _Run(model, config, out, dist, progress and dist.rank == 0, on_progress)
         if ckpt is not None:
             run.restore(ckpt)
         with frozen(model):
@@ -341,8 +385,9 @@ def train_tuned_lens(
                 run.finetune(pool)
                 kept = run.keep_better(val) if run.st["start_val"] is not None else []
                 return _finish(run, held, kept, command)
-            except KeyboardInterrupt:
-                run.checkpoint()
+            except BaseException as err:  # Ctrl-C, or a stop from on_progress: keep the work
+                if isinstance(err, KeyboardInterrupt) or run.stopped:
+                    run.checkpoint()
                 raise
     finally:
         dist.close()

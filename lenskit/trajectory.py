@@ -12,21 +12,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lenskit.errors import LenskitError
-from lenskit.lenses.base import Lens
+from lenskit.lenses.base import Lens, row_blocks
 from lenskit.metrics import LN2, Reference, row_stats
-from lenskit.residual import capture, tokenize
+from lenskit.residual import capture, token_texts, tokenize
 
-__all__ = ["Trajectory", "resolve_target", "trajectory"]
+__all__ = ["Trajectory", "TrajectoryBuilder", "prompt_tokens", "resolve_target", "trajectory"]
 
-_ROWS_PER_READOUT = 512  # rows per unembedding matmul: large enough to run near peak
-
-
-def _tile(reference: Reference, times: int) -> Reference:
-    if times == 1:
-        return reference
-    return Reference(
-        probs=reference.probs.repeat(times, 1), neg_entropy=reference.neg_entropy.repeat(times)
-    )
+_CELLS_PER_READOUT = 512  # cells per unembedding matmul: large enough to run near peak
 
 
 @dataclass(frozen=True)
@@ -172,6 +164,107 @@ def resolve_target(tokenizer: Any, target: str | int) -> tuple[str, int]:
     return target, int(ids[0])
 
 
+class TrajectoryBuilder:
+    """Fills a :class:`Trajectory` row by row from logits computed elsewhere.
+
+    :func:`trajectory` reads rows through one lens; :func:`lenskit.comparison.compare`
+    shares each block of readouts between several lenses and their divergence.
+
+    Args:
+        model: The ``TransformerBridge``.
+        lens: The lens whose rows are added.
+        tokens: ``[1, pos]`` prompt tokens.
+        final_logits: The model's own logits at those positions.
+        target: ``(text, id)`` of a target token, or None.
+        top_k: Top tokens kept per cell.
+    """
+
+    def __init__(self, model: Any, lens: Lens, tokens: Int[Tensor, "1 pos"],
+                 final_logits: Float[Tensor, "pos d_vocab"],
+                 target: tuple[str, int] | None, top_k: int) -> None:
+        adapter = lens.adapter
+        if adapter.model is not model:
+            raise LenskitError(
+                f"this {lens.kind} lens was built for another model object: build it with "
+                "get_lens(kind, model) for this model"
+            )
+        if not 1 <= top_k <= adapter.d_vocab:
+            raise LenskitError(f"top_k must be in 1..{adapter.d_vocab}, got {top_k}")
+        self.model, self.lens, self.tokens, self.target, self.top_k = (
+            model, lens, tokens, target, top_k)
+        n_rows, n_pos = adapter.n_rows, tokens.shape[-1]
+        next_ids = torch.cat([tokens[0, 1:], tokens[0, -1:]])  # the last one is masked
+        self.ids = next_ids.unsqueeze(-1)
+        if target is not None:
+            self.ids = torch.cat([self.ids, torch.full_like(self.ids, target[1])], dim=-1)
+        nan = torch.full((n_rows, n_pos), math.nan)
+        self.entropy, self.kl, self.ce, self.tprob = (nan.clone() for _ in range(4))
+        self.trank = torch.full((n_rows, n_pos), -1, dtype=torch.long)
+        self.top_ids = torch.zeros((n_rows, n_pos, top_k), dtype=torch.long)
+        self.top_probs = nan.clone().unsqueeze(-1).repeat(1, 1, top_k)
+        self.covered = torch.tensor([lens.covers(r) for r in range(n_rows)])
+        self.final_logits = final_logits
+        self.reference = Reference.from_logits(final_logits)
+
+    def lens_rows(self) -> list[int]:
+        """Covered rows read through the lens (every covered row but the model's output)."""
+        out = self.lens.adapter.n_layers
+        return [r for r in range(len(self.covered)) if self.covered[r] and r != out]
+
+    def add(self, row: int, logits: Float[Tensor, "pos d_vocab"]) -> None:
+        """Statistics of one row from its logits."""
+        stats = row_stats(logits, self.reference, self.ids, top_k=self.top_k,
+                          rank_columns=0 if self.target is None else 1)
+        self.entropy[row] = stats.entropy
+        self.kl[row] = stats.kl
+        self.ce[row] = -stats.id_log_probs[:, 0] / LN2
+        self.top_ids[row] = stats.top_ids
+        self.top_probs[row] = stats.top_probs
+        if self.target is not None:
+            self.tprob[row] = stats.id_log_probs[:, 1].exp()
+            self.trank[row] = stats.id_ranks[:, 1]
+
+    def finish(self, prompt: str | Tensor) -> Trajectory:
+        """The trajectory; the model's output row is added here if the lens covers it."""
+        adapter = self.lens.adapter
+        if self.covered[adapter.n_layers]:
+            self.add(adapter.n_layers, self.final_logits)
+        self.ce[:, -1] = math.nan
+        tokenizer = self.model.tokenizer
+        top_tokens = tuple(
+            tuple(tuple(cell) for cell in layer) for layer in token_texts(tokenizer, self.top_ids)
+        )
+        n_pos = self.tokens.shape[-1]
+        target_id = None if self.target is None else self.target[1]
+        return Trajectory(
+            model_name=adapter.name,
+            lens_kind=self.lens.kind,
+            prompt=prompt if isinstance(prompt, str) else f"<{n_pos} token ids>",
+            token_ids=self.tokens[0].cpu(),
+            tokens=tuple(token_texts(tokenizer, self.tokens[0])),
+            layer_labels=tuple(adapter.row_label(r) for r in range(adapter.n_rows)),
+            covered=self.covered,
+            top_ids=self.top_ids,
+            top_probs=self.top_probs,
+            top_tokens=top_tokens,
+            entropy=self.entropy,
+            kl_to_final=self.kl,
+            cross_entropy=self.ce,
+            target=None if self.target is None else self.target[0],
+            target_id=target_id,
+            target_prob=self.tprob if target_id is not None else None,
+            target_rank=self.trank if target_id is not None else None,
+        )
+
+
+def prompt_tokens(model: Any, prompt: str | Tensor) -> Int[Tensor, "1 pos"]:
+    """The prompt's ``[1, pos]`` tokens, refusing a batch of several prompts."""
+    tokens = tokenize(model, prompt)
+    if tokens.shape[0] != 1:
+        raise LenskitError("lenses read one prompt at a time: pass a single sequence")
+    return tokens
+
+
 def trajectory(
     model: Any,
     lens: Lens,
@@ -192,94 +285,19 @@ def trajectory(
     Returns:
         The :class:`Trajectory`.
     """
-    adapter = lens.adapter
-    if adapter.model is not model:
+    if lens.adapter.model is not model:
         raise LenskitError(
             f"this {lens.kind} lens was built for another model object: build it with "
             "get_lens(kind, model) for this model"
         )
-    if not 1 <= top_k <= adapter.d_vocab:
-        raise LenskitError(f"top_k must be in 1..{adapter.d_vocab}, got {top_k}")
-    target_text, target_id = (None, None)
-    if target is not None:
-        target_text, target_id = resolve_target(model.tokenizer, target)
-    tokens = tokenize(model, prompt)
-    if tokens.shape[0] != 1:
-        raise LenskitError("trajectory reads one prompt at a time: pass a single sequence")
-
+    resolved = None if target is None else resolve_target(model.tokenizer, target)
+    tokens = prompt_tokens(model, prompt)
     cap = capture(model, tokens)
+    builder = TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k)
     rows = cap.lens_rows()[:, 0]  # [layer, pos, d_model]
-    n_rows, n_pos = rows.shape[0], rows.shape[1]
-    next_ids = torch.cat([tokens[0, 1:], tokens[0, -1:]])  # the last one is masked below
-    ids = next_ids.unsqueeze(-1)
-    if target_id is not None:
-        ids = torch.cat([ids, torch.full_like(ids, target_id)], dim=-1)
-
-    nan = torch.full((n_rows, n_pos), math.nan)
-    entropy, kl, ce, tprob = nan.clone(), nan.clone(), nan.clone(), nan.clone()
-    trank = torch.full((n_rows, n_pos), -1, dtype=torch.long)
-    top_ids = torch.zeros((n_rows, n_pos, top_k), dtype=torch.long)
-    top_probs = nan.clone().unsqueeze(-1).repeat(1, 1, top_k)
-    covered = torch.tensor([lens.covers(r) for r in range(n_rows)])
-    reference = Reference.from_logits(cap.logits[0])
     with torch.no_grad():
-        # The output row is the model's own prediction; lens rows go through the
-        # readout a few layers at a time, so each matmul streams W_U once for many rows.
-        done = [r for r in range(n_rows) if covered[r] and r != adapter.n_layers]
-        group = max(1, _ROWS_PER_READOUT // n_pos)
-        blocks = [done[i : i + group] for i in range(0, len(done), group)]
-        if covered[adapter.n_layers]:
-            blocks.append([adapter.n_layers])
-        for block in blocks:
-            if block == [adapter.n_layers]:
-                logits = cap.logits[0].unsqueeze(0)
-            else:
-                hidden = torch.stack([lens.transform_hidden(rows[r], r) for r in block])
-                logits = adapter.readout(hidden)
-            stats = row_stats(
-                logits.reshape(-1, logits.shape[-1]),
-                _tile(reference, len(block)),
-                ids.repeat(len(block), 1),
-                top_k=top_k,
-                rank_columns=0 if target_id is None else 1,
-            )
-            idx = torch.tensor(block)
-            entropy[idx] = stats.entropy.view(len(block), n_pos)
-            kl[idx] = stats.kl.view(len(block), n_pos)
-            ce[idx] = -stats.id_log_probs[:, 0].view(len(block), n_pos) / LN2
-            top_ids[idx] = stats.top_ids.view(len(block), n_pos, top_k)
-            top_probs[idx] = stats.top_probs.view(len(block), n_pos, top_k)
-            if target_id is not None:
-                tprob[idx] = stats.id_log_probs[:, 1].exp().view(len(block), n_pos)
-                trank[idx] = stats.id_ranks[:, 1].view(len(block), n_pos)
-    ce[:, -1] = math.nan
-    decode = model.tokenizer.decode
-    vocab_text: dict[int, str] = {}
-
-    def text(i: int) -> str:
-        if i not in vocab_text:
-            vocab_text[i] = decode([i])
-        return vocab_text[i]
-
-    top_tokens = tuple(
-        tuple(tuple(text(i) for i in cell) for cell in layer) for layer in top_ids.tolist()
-    )
-    return Trajectory(
-        model_name=adapter.name,
-        lens_kind=lens.kind,
-        prompt=prompt if isinstance(prompt, str) else f"<{n_pos} token ids>",
-        token_ids=tokens[0].cpu(),
-        tokens=tuple(text(i) for i in tokens[0].tolist()),
-        layer_labels=tuple(adapter.row_label(r) for r in range(n_rows)),
-        covered=covered,
-        top_ids=top_ids,
-        top_probs=top_probs,
-        top_tokens=top_tokens,
-        entropy=entropy,
-        kl_to_final=kl,
-        cross_entropy=ce,
-        target=target_text,
-        target_id=target_id,
-        target_prob=tprob if target_id is not None else None,
-        target_rank=trank if target_id is not None else None,
-    )
+        # A few rows per readout, so each matmul streams W_U once for many cells.
+        for block in row_blocks(builder.lens_rows(), tokens.shape[-1], _CELLS_PER_READOUT):
+            for row, logits in zip(block, lens.read_rows(rows[block], block), strict=True):
+                builder.add(row, logits)
+    return builder.finish(prompt)

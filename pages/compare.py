@@ -1,17 +1,23 @@
-"""Compare: two or three lenses side by side on one prompt, and where two of them differ."""
+"""Compare: two to four lenses side by side on one prompt, and where two of them differ."""
 
 import streamlit as st
 
 import app_state as S
 from lenskit import plotting
 from lenskit.comparison import MEASURES
+from lenskit.plotting.heatmaps import MAX_PANELS
+
+DEFAULT_KINDS = ("logit", "tuned", "jacobian")  # what a layer decodes to vs what it causes
 
 st.title("Compare lenses")
 
 (name, device, dtype), model, prompt, n_tokens = S.prompt_section()
 ready = S.ready_lenses(name, device, dtype)
+default = [k for k in DEFAULT_KINDS if k in ready]
+if len(default) < 2:
+    default = (default + [k for k in ready if k not in default])[:3]
 kinds = st.multiselect(
-    "Lenses (two or three)", ready, default=ready[:3], max_selections=3,
+    f"Lenses (two to {MAX_PANELS})", ready, default=default, max_selections=MAX_PANELS,
     help="Lenses not ready for this model are listed on the Home page with the reason.",
 )
 if len(kinds) < 2:
@@ -24,27 +30,29 @@ statistic = c1.selectbox("Colour", [s for s in plotting.STATISTICS if not s.star
 stride = c2.slider("Layer stride", 1, max(1, adapter.n_layers // 2), 2)
 first, last = c3.slider("Token range", 0, n_tokens, (max(0, n_tokens - 24), n_tokens))
 
-trajs = [
-    S.guard(S.trajectory, k, name, device, dtype, S.lens_path(k), prompt, None, 10) for k in kinds
-]
-fig = S.guard(
-    plotting.compare_heatmaps, trajs, statistic=statistic, layer_stride=stride,
-    token_range=(first, last),
-)
-st.plotly_chart(fig, use_container_width=True)
+heatmaps = st.container()  # filled below, once the pair for the divergence map is chosen
 
 st.subheader("Where two lenses differ")
 d1, d2, d3 = st.columns(3)
 kind_a = d1.selectbox("Lens A", kinds, index=0)
 kind_b = d2.selectbox("Lens B", [k for k in kinds if k != kind_a], index=0)
 measure = d3.selectbox("Measure", list(MEASURES), format_func=MEASURES.get, index=1)
-div = S.guard(
-    S.divergence, kind_a, S.lens_path(kind_a), kind_b, S.lens_path(kind_b), name, device, dtype,
-    prompt,
+
+# One pass: each lens reads each row once, shared by its heatmap and the divergence map.
+result = S.guard(
+    S.comparison, tuple(kinds), tuple(S.lens_path(k) for k in kinds), (kind_a, kind_b),
+    name, device, dtype, prompt,
+)
+heatmaps.plotly_chart(
+    S.guard(
+        plotting.compare_heatmaps, list(result.trajectories), statistic=statistic,
+        layer_stride=stride, token_range=(first, last),
+    ),
+    use_container_width=True,
 )
 st.plotly_chart(
     S.guard(
-        plotting.divergence_heatmap, div, measure=measure, layer_stride=stride,
+        plotting.divergence_heatmap, result.divergence, measure=measure, layer_stride=stride,
         token_range=(first, last),
     ),
     use_container_width=True,

@@ -44,11 +44,15 @@ st.markdown(
 )
 
 st.subheader("Lenses")
+with st.expander("Lens files", expanded=any(st.session_state[S.LENS_PATHS].values())):
+    S.lens_files_section(name)
 status = S.lens_status(name, device, dtype)
 for kind, state in status.items():
     if state == "ready":
         st.markdown(f"✅ **{kind}** — ready")
     else:
         st.markdown(f"⚪ **{kind}** — {state}")
+        if S.lens_path(kind):  # a file the user chose does not load: say why, with the fix
+            st.error(f"The {kind} lens file does not load: {state}")
 
 st.page_link("pages/trajectory.py", label="See the prediction form layer by layer", icon="➡️")

@@ -195,3 +195,35 @@ def test_fused_divergences_equal_the_separate_definitions():
     m = (p + q) / 2
     js_ref = 0.5 * ((p * (p / m).log2()).sum(-1) + (q * (q / m).log2()).sum(-1))
     assert (js.double() - js_ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pair", [(0, 1), (1, 2), None])
+def test_compare_equals_separate_trajectories_and_divergence(
+    model: Any, logit: Lens, rotated: Lens, pair
+):
+    other = RotatedLens.from_model(model, skip=None, seed=3).eval()
+    lenses = [logit, rotated, other]
+    result = lenskit.comparison.compare(model, lenses, PROMPT, pair=pair, target="t",
+                                        top_k=3)
+    for lens, got in zip(lenses, result.trajectories, strict=True):
+        want = lenskit.trajectory(model, lens, PROMPT, target="t", top_k=3)
+        assert got.lens_kind == want.lens_kind and got.top_tokens == want.top_tokens
+        assert torch.equal(got.covered, want.covered)
+        for name in ("entropy", "kl_to_final", "cross_entropy", "top_probs", "target_prob"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), equal_nan=True)
+        assert torch.equal(got.target_rank, want.target_rank)
+    if pair is None:
+        assert result.divergence is None
+        return
+    want = lens_divergence(model, lenses[pair[0]], lenses[pair[1]], PROMPT)
+    got = result.divergence
+    assert torch.equal(got.covered, want.covered) and got.top1_a == want.top1_a
+    for name in ("kl", "js", "tv"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), equal_nan=True)
+
+
+def test_compare_refuses_a_bad_pair(model: Any, logit: Lens, rotated: Lens):
+    with pytest.raises(LenskitError, match="pair"):
+        lenskit.comparison.compare(model, [logit, rotated], PROMPT, pair=(0, 0))
+    with pytest.raises(LenskitError, match="no lenses"):
+        lenskit.comparison.compare(model, [], PROMPT)

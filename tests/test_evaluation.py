@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -99,7 +104,7 @@ def test_untrained_tuned_lens_scores_exactly_as_the_logit_lens(tiny_llama, chunk
                                    "zero": TunedLens.untrained(tiny_llama)},
                       chunks, tokens=chunks.n_tokens, progress=False)
     frame = result.to_frame()
-    numbers = [c for c in COLUMNS if c not in ("lens", "kind", "note")]
+    numbers = [c for c in COLUMNS if c not in ("lens", "kind", "objective", "note")]
     logit = frame[frame.lens == "logit"][numbers].reset_index(drop=True)
     zero = frame[frame.lens == "zero"][numbers].reset_index(drop=True)
     pd.testing.assert_frame_equal(logit, zero, check_exact=True)
@@ -146,8 +151,80 @@ def test_jacobian_lens_uncovered_layers_are_nan_with_a_note(tiny_llama, chunks):
     logit = frame[frame.lens == "logit"].set_index("layer")
     assert jl.loc[1:, "kl_bits"].tolist() == pytest.approx(logit.loc[1:, "kl_bits"].tolist(),
                                                            abs=1e-5)
-    fig = plotting.metric_lines(frame.dropna(subset=["kl_bits"]), metric="kl_bits")
-    assert [t.name for t in fig.data if t.fill != "toself"] == ["logit", "jlens", "model"]
+    # what each lens was fitted for: only the tuned lens is trained to match the output
+    assert set(jl.objective) == {"average_jacobian"} and set(logit.objective) == {"none"}
+    assert result.lenses["jlens"]["objective"] == "average_jacobian"
+    assert result.to_dict()["lenses"]["logit"]["objective"] == "none"
+    # the figure leaves L0 out of the J-lens line and says so; it never borrows the logit's
+    fig = plotting.metric_lines(frame, metric="kl_bits")
+    lines = {t.name: t for t in fig.data if t.fill != "toself"}
+    assert list(lines) == ["logit", "jlens", "model"]
+    assert lines["jlens"].y[0] is None and lines["jlens"].y[1] == pytest.approx(jl.kl_bits[1])
+    assert lines["logit"].y[0] == pytest.approx(logit.kl_bits[0])
+    band = next(t for t in fig.data if t.fill == "toself" and t.legendgroup == "jlens")
+    assert 0 not in band.x
+    notes = [a.text for a in fig.layout.annotations if a.x == 0]
+    assert notes == ["not covered by jlens"] and len(fig.layout.shapes) == 1
+    summary = eval_cmd.format_summary(result)
+    assert summary.splitlines()[1].split()[-1] == "—" and "fitted for:" in summary
+    assert "jlens average_jacobian" in summary
+
+
+def test_layer_kl_skips_rows_a_lens_does_not_cover(tiny_llama, chunks):
+    jlens, logit = JLens.identity(tiny_llama), lenskit.get_lens("logit", tiny_llama)
+    ours = layer_kl(tiny_llama, jlens, chunks)
+    reference = layer_kl(tiny_llama, logit, chunks)
+    assert ours.covered.tolist() == [False, True, True, True] and reference.covered.all()
+    assert math.isnan(ours.kl_bits[0]) and reference.kl_bits.notna().all()
+    assert ours.kl_bits[1:].tolist() == pytest.approx(reference.kl_bits[1:].tolist(), abs=1e-5)
+
+
+_FLAT_MEMORY_SCRIPT = """
+import json, sys, torch, lenskit
+from lenskit.evaluation import eval_chunks, evaluate
+from lenskit.lenses.jacobian import JLens
+
+def peak_kb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as refs:  # "5": peak RSS := current RSS
+        refs.write("5")
+
+torch.set_num_threads(1)  # a 64-wide model gains nothing from threads
+n = int(sys.argv[1])
+model = lenskit.load_model("tiny-llama")
+data = eval_chunks(model, None, tokens=4 * n, seq_len=128)  # the input is held throughout
+lenses = {"logit": lenskit.get_lens("logit", model), "jacobian": JLens.identity(model)}
+evaluate(model, lenses, data, tokens=n, batch_size=8, progress=False)  # warm up
+growth = {}
+for tokens in (n, 4 * n):
+    reset_peak()
+    before = peak_kb()
+    result = evaluate(model, lenses, data, tokens=tokens, batch_size=8, progress=False)
+    growth[tokens] = peak_kb() - before
+    assert result.tokens == tokens and result.metrics.kl_bits.notna().sum() == 8
+print(json.dumps(growth))
+"""
+
+
+def test_memory_stays_flat_as_the_token_count_grows():
+    """Peak RSS of evaluate on 4N tokens is that of N tokens: only per-chunk means are kept.
+
+    A fresh process with a fixed malloc mmap threshold, so the peak is not blurred by the
+    allocator's history; Linux's clear_refs resets the peak before each run.
+    """
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    n = 8192
+    run = subprocess.run([sys.executable, "-c", _FLAT_MEMORY_SCRIPT, str(n)], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    growth = {int(k): v for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
+    # keeping ~170 bytes or more per token would add > 4 MB over the 3N more tokens
+    assert growth[4 * n] < growth[n] + 4096, growth
 
 
 def test_transfer_matrix(tiny_llama, chunks):
@@ -333,8 +410,14 @@ def test_shipped_tuned_lens_beats_the_logit_lens_on_smollm2(smollm2):
         tuned = lenskit.get_lens("tuned", smollm2)
     except LenskitError as err:
         pytest.skip(f"no shipped tuned lens: {err}")
-    result = evaluate(smollm2, {"logit": lenskit.get_lens("logit", smollm2), "tuned": tuned},
-                      None, tokens=128, seq_len=64, batch_size=2, progress=False)
+    lenses = {"logit": lenskit.get_lens("logit", smollm2), "tuned": tuned}
+    with contextlib.suppress(LenskitError):  # the J-lens, where this checkout ships it
+        lenses["jacobian"] = lenskit.get_lens("jacobian", smollm2)
+    result = evaluate(smollm2, lenses, None, tokens=128, seq_len=64, batch_size=2,
+                      progress=False)
     kl = result.metrics.pivot(index="layer", columns="lens", values="kl_bits")
     last = smollm2.cfg.n_layers - 1
     assert (kl.loc[: last - 1, "tuned"] < kl.loc[: last - 1, "logit"]).all(), kl
+    if "jacobian" in lenses:  # scored like the others, L0 left out and marked
+        assert math.isnan(kl.loc[0, "jacobian"]) and kl.loc[1:last, "jacobian"].notna().all()
+        assert result.lenses["jacobian"]["objective"] == "average_jacobian"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import math
 import pickle
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
@@ -134,6 +137,33 @@ def test_lenskit_artifact_loads_with_transformer_lens(tiny_llama, fitted, tmp_pa
     assert tl.n_prompts == 2 and tl.metadata["lenskit"]["model"] == "tiny-llama"
     readout = tl.readout(tiny_llama, PROMPT, top_k=3)
     assert sorted(readout.lens_topk_indices) == [0, 1, 2, 3]
+
+
+def test_lenskit_fit_read_back_by_transformer_lens_gives_the_same_readout(tiny_llama, fitted,
+                                                                          tmp_path):
+    """TransformerLens's own ``JacobianLens.load`` + ``readout`` on lenskit-written files."""
+    tokens = tokenize(tiny_llama, PROMPT)
+    rows = rows_of(tiny_llama)
+    fitted.save(tmp_path / "half.pt")  # the shipped format: fp16
+    for file, lens in ((fitted.source, fitted), (tmp_path / "half.pt",
+                                                  JLens.load(tiny_llama, tmp_path / "half.pt"))):
+        tl = TLJacobianLens.load(str(file))  # no lenskit in between
+        assert tl.source_layers == [0, 1, 2] and tl.n_prompts == 2
+        assert tl.metadata["model_name"] == tiny_llama.cfg.model_name == "tiny-llama"
+        theirs = tl.readout(tiny_llama, tokens, return_full_logits=True, top_k=3)
+        for layer, logits in theirs.lens_logits.items():
+            ours = lens(rows[layer + 1], layer + 1)
+            torch.testing.assert_close(ours, logits, atol=1e-5, rtol=1e-5)
+            assert torch.equal(ours.topk(3).indices, theirs.lens_topk_indices[layer])
+
+
+def test_shipped_lens_records_the_portable_model_name():
+    file = shipped_jlens_path("smollm2-135m")
+    if not file.is_file():
+        pytest.skip("no J-lens shipped for smollm2-135m in this checkout")
+    meta = TLJacobianLens.load(str(file)).metadata
+    assert meta["model_name"] == meta["lenskit"]["model"] == "smollm2-135m"
+    assert not any(isinstance(v, str) and v.startswith("/") for v in meta.values())
 
 
 def test_transformer_lens_artifacts_and_reference_checkpoints_load(tiny_llama, tmp_path):
@@ -358,6 +388,33 @@ def test_cli_fits_and_the_trajectory_reads_it(corpus_dir, tmp_path, capsys):
     assert "seq_len 8 must be in 18..128" in capsys.readouterr().err
 
 
+def test_compare_page_shows_logit_tuned_and_jacobian_by_default(tiny_llama, fitted, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    import app_state as S
+    from lenskit.lenses.tuned import TunedLens
+
+    TunedLens.untrained(tiny_llama).save(tmp_path / "tuned")
+    fitted.save(tmp_path / "jlens.pt")
+    page = Path(__file__).resolve().parents[1] / "pages" / "compare.py"
+    at = AppTest.from_file(str(page), default_timeout=300)
+    at.session_state[S.MODEL] = "tiny-llama"
+    at.session_state[S.PROMPT] = "Hello there, friend"
+    at.session_state[S.LENS_PATHS] = {"tuned": str(tmp_path / "tuned"),
+                                      "jacobian": str(tmp_path / "jlens.pt")}
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert at.multiselect[0].value == ["logit", "tuned", "jacobian"]
+    assert at.multiselect[0].max_selections == 4
+    heatmaps = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [t["type"] for t in heatmaps["data"]] == ["heatmap"] * 3
+    z = heatmaps["data"][2]["z"]  # plotly's typed array: base64 of the values
+    jlens = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(
+        [int(n) for n in z["shape"].split(",")])
+    assert np.isnan(jlens[0]).all() and not np.isnan(jlens[1:]).any()  # L0 blank, not logit
+
+
 # --- the shipped lens (SmolLM2) ---------------------------------------------------------------
 
 
@@ -376,3 +433,10 @@ def test_shipped_smollm2_lens_reads_a_prompt(smollm2):
     rows = rows_of(smollm2, prompt)
     ours = lens(rows[21, -1:], 21)
     torch.testing.assert_close(ours, theirs.lens_logits[20], atol=1e-4, rtol=1e-4)
+    # TransformerLens alone reads the shipped file for lenskit's model: the recorded name
+    # is the model's cfg.model_name, so validate_model passes with no lenskit override
+    assert smollm2.cfg.model_name == "smollm2-135m"
+    alone = TLJacobianLens.load(str(shipped_jlens_path("smollm2-135m")))
+    direct = alone.readout(smollm2, prompt, layers=[20], positions=[-1],
+                           return_full_logits=True)
+    torch.testing.assert_close(direct.lens_logits[20], theirs.lens_logits[20], atol=0, rtol=0)

@@ -286,10 +286,10 @@ def test_compare_refuses_mismatched_trajectories(model: Any, lenses, traj: Traje
     other = lenskit.trajectory(model, lenses[0], OTHER)
     with pytest.raises(LenskitError, match="same prompt"):
         plotting.compare_heatmaps([traj, other])
-    with pytest.raises(LenskitError, match="2 or 3"):
+    with pytest.raises(LenskitError, match="2 to 4"):
         plotting.compare_heatmaps([traj])
-    with pytest.raises(LenskitError, match="2 or 3"):
-        plotting.compare_heatmaps([traj] * 4)
+    with pytest.raises(LenskitError, match="2 to 4"):
+        plotting.compare_heatmaps([traj] * 5)
 
 
 def test_divergence_heatmap(model: Any, lenses):
@@ -336,6 +336,36 @@ def test_metric_lines_lines_and_bands():
     assert band.line.width == 0 and band.showlegend is False
     assert list(fig.layout.xaxis.ticktext) == ["L0", "L1", "L2", "L3", "output"]
     assert fig.layout.yaxis.title.text == "KL (bits)"
+
+
+def test_metric_lines_mark_uncovered_layers_as_gaps():
+    frame = metric_frame()
+    frame["covered"] = ~((frame.lens == "tuned") & frame.layer.isin([0, 2]))
+    frame.loc[~frame.covered, "kl_bits"] = 99.0  # a value that must never be drawn
+    fig = plotting.metric_lines(frame, metric="kl_bits")
+    tuned = next(t for t in fig.data if t.fill is None and t.name == "tuned")
+    assert list(tuned.y) == [None, 2.0, None, 1.0, 0.5] and tuned.connectgaps is False
+    band = next(t for t in fig.data if t.fill == "toself" and t.legendgroup == "tuned")
+    assert list(band.x) == [1, 1, None, 3, 4, 4, 3]  # one outline per covered run
+    logit = next(t for t in fig.data if t.fill is None and t.name == "logit")
+    assert None not in list(logit.y)
+    marks = sorted((a.x, a.text) for a in fig.layout.annotations)
+    assert marks == [(0, "not covered by tuned"), (2, "not covered by tuned")]
+    assert sorted((s.x0, s.x1) for s in fig.layout.shapes) == [(-0.5, 0.5), (1.5, 2.5)]
+
+
+def test_compare_marks_the_jacobian_lens_row_it_does_not_cover(model: Any, lenses, traj):
+    from lenskit.lenses.jacobian import JLens
+
+    jlens = lenskit.trajectory(model, JLens.identity(model), PROMPT, target=" ")
+    fig = plotting.compare_heatmaps([traj, jlens], statistic="kl_to_final")
+    logit_z, jlens_z = z_array(fig.data[0]), z_array(fig.data[1])
+    assert np.isnan(jlens_z[0]).all() and not np.isnan(logit_z[0]).any()
+    np.testing.assert_allclose(jlens_z[1:], logit_z[1:], atol=1e-5)  # J = I: the logit lens
+    notes = [a for a in fig.layout.annotations if "not covered" in a.text]
+    assert [(n.text, n.y, n.xref) for n in notes] == [("not covered by the jacobian lens", 0,
+                                                       "x2")]
+    assert fig.layout.yaxis.ticktext[0] == "L0"  # the logit lens covers it
 
 
 def test_metric_lines_explicit_bounds_and_errors():

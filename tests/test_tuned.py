@@ -236,7 +236,7 @@ def test_training_lowers_held_out_kl_and_writes_files(tiny_llama, corpus_dir, tm
     chunks = tokenize_corpus(split_documents(load_corpus(corpus_dir), 0.1)[1],
                              tiny_llama.tokenizer, 32, max_tokens=256)
     held = layer_kl(tiny_llama, loaded, chunks)
-    assert list(held.columns) == ["layer", "kl_bits"]
+    assert list(held.columns) == ["layer", "kl_bits", "covered"]
     assert held.kl_bits.tolist() == pytest.approx(list(result.tuned_kl), rel=1e-4)
 
 

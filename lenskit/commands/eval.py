@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -146,7 +147,7 @@ def write_outputs(result: EvalResult, out: str | os.PathLike[str], *, png: bool 
             with atomic_open(tmp / "transfer.csv") as handle:
                 result.transfer.to_csv(handle, index=False)
         for metric in METRICS:
-            fig = metric_lines(frame.dropna(subset=[metric]), metric=metric,
+            fig = metric_lines(frame, metric=metric,  # uncovered layers: marked gaps
                                title=f"{_TITLES[metric]} · {result.model} · {result.source}")
             save_figure(fig, tmp / f"{metric}.html")
             if png:
@@ -173,13 +174,21 @@ def format_summary(result: EvalResult) -> str:
     lines = [f"{'layer':>6}" + "".join(f"{n + ' KL':>{width}}" for n in lenses)]
     table = frame[frame["lens"] != "model"].pivot(index="layer", columns="lens", values="kl_bits")
     for layer, row in table.iterrows():
-        lines.append(f"{layer:>6}" + "".join(f"{row[n]:>{width}.3f}" for n in lenses))
+        lines.append(f"{layer:>6}" + "".join(
+            f"{row[n]:>{width}.3f}" if math.isfinite(row[n]) else f"{'—':>{width}}"
+            for n in lenses))
+    if table[lenses].isna().to_numpy().any():
+        lines.append("— : a layer the lens does not cover (NaN in metrics.csv, covered=False)")
     model = frame[frame["lens"] == "model"].iloc[0]
     lines.append(f"model output: cross-entropy {model.ce_bits:.3f} ± {model.ce_bits_se:.3f} "
                  f"bits/token ({model.ce_bits_per_byte:.3f} bits/byte), entropy "
                  f"{model.entropy_bits:.3f} bits (± 1 SE over {result.chunks} chunks)")
     lines.append(f"{result.tokens} tokens ({result.chunks} chunks of {result.seq_len}) from "
                  f"{result.source} in {result.seconds:.1f} s ({result.tokens_per_s:.0f} tokens/s)")
+    objectives = ", ".join(f"{name} {info.get('objective', 'unspecified')}"
+                           for name, info in result.lenses.items())
+    lines.append(f"fitted for: {objectives} (KL to the output is reported for every lens, "
+                 "also those not trained to lower it)")
     lines += [f"note: {name}: {text}" for name, text in result.notes.items()]
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Lenses: the protocol, the registry, and the built-in kinds."""
 
-from lenskit.lenses import logit, tuned, jacobian  # noqa: F401  # isort: skip (registry order)
+from lenskit.lenses import logit, tuned, jacobian, causal_basis  # noqa: F401  # isort: skip (registry order)
 from lenskit.lenses.base import (
     Lens,
     available_lenses,

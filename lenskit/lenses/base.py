@@ -12,7 +12,7 @@ by name, so callers (CLI, plots, app) never name a lens class.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "lens_from_spec",
     "parse_lens_spec",
     "register_lens",
+    "row_blocks",
 ]
 
 _REGISTRY: dict[str, type[Lens]] = {}
@@ -92,9 +93,36 @@ class Lens(torch.nn.Module, ABC):
         translated = self.transform_hidden(h, layer)
         return self.adapter.readout(translated)
 
+    def read_rows(
+        self, hidden: Float[Tensor, "layer pos d_model"], layers: Sequence[int]
+    ) -> Float[Tensor, "layer pos d_vocab"]:
+        """Logits of several rows in one readout; ``hidden[i]`` is the residual at ``layers[i]``.
+
+        One matmul over all the rows streams the unembedding from memory once, which
+        is what makes reading many rows fast.
+        """
+        if len(layers) != hidden.shape[0]:
+            raise ValueError(f"{hidden.shape[0]} residual rows but {len(layers)} layers")
+        translated = torch.stack([
+            self.transform_hidden(h, self.check_layer(row))
+            for h, row in zip(hidden, layers, strict=True)
+        ])
+        return self.adapter.readout(translated)
+
     def extra_repr(self) -> str:
         """One line for ``repr``: kind, model and rows."""
         return f"kind={self.kind!r}, model={self.adapter.name!r}, rows={self.n_rows}"
+
+
+def row_blocks(rows: Sequence[int], n_pos: int, cells: int = 512) -> list[list[int]]:
+    """Split ``rows`` into blocks of about ``cells`` cells each, for :meth:`Lens.read_rows`.
+
+    A block of a few hundred cells runs the unembedding matmul near peak speed while
+    its ``[cells, d_vocab]`` logits stay a bounded size (512 x 49k floats is 100 MB).
+    """
+    per_block = max(1, cells // max(1, n_pos))
+    rows = list(rows)
+    return [rows[i : i + per_block] for i in range(0, len(rows), per_block)]
 
 
 def register_lens(kind: str) -> Callable[[type[L]], type[L]]:

@@ -6,6 +6,7 @@ dark (good). Tokens are shown with visible whitespace (``·``, ``↵``, ``→``)
 shortened with ``…``. Save figures with :func:`lenskit.export.save_figure`.
 """
 
+from lenskit.plotting.causal import direction_tokens_plot, influence_plot
 from lenskit.plotting.divergence import divergence_heatmap
 from lenskit.plotting.heatmaps import STATISTICS, compare_heatmaps, trajectory_heatmap
 from lenskit.plotting.lines import metric_lines, target_plot
@@ -16,8 +17,10 @@ __all__ = [
     "STATISTICS",
     "TEMPLATE",
     "compare_heatmaps",
+    "direction_tokens_plot",
     "display_token",
     "divergence_heatmap",
+    "influence_plot",
     "metric_lines",
     "target_plot",
     "trajectory_heatmap",

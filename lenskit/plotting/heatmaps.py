@@ -32,6 +32,7 @@ from lenskit.trajectory import Trajectory
 __all__ = ["STATISTICS", "compare_heatmaps", "trajectory_heatmap"]
 
 _CELL_CHARS = 7  # longest token shown inside a cell
+MAX_PANELS = 4  # lenses compare_heatmaps puts side by side
 
 
 STATISTICS: dict[str, Statistic] = {
@@ -199,13 +200,13 @@ def compare_heatmaps(
     labels: Sequence[str] | None = None,
     title: str | None = None,
 ) -> go.Figure:
-    """Two or three trajectories of the same prompt side by side, on one colour scale.
+    """Two to four trajectories of the same prompt side by side, on one colour scale.
 
     The panels share one colour axis (``layout.coloraxis``), the same rows and
     columns in the same order, and linked axes (zooming one zooms all).
 
     Args:
-        trajs: 2 or 3 trajectories of the same model and prompt (different lenses).
+        trajs: 2 to 4 trajectories of the same model and prompt (different lenses).
         statistic: As in :func:`trajectory_heatmap`.
         layer_stride: Show every n-th row (the output row is always shown).
         token_range: Positions to show: ``(start, stop)`` (half-open) or a slice.
@@ -217,11 +218,12 @@ def compare_heatmaps(
         The figure, one heatmap per panel in ``fig.data``.
 
     Raises:
-        LenskitError: If the trajectories are not 2 or 3 of the same model and tokens.
+        LenskitError: If the trajectories are not 2 to 4 of the same model and tokens.
     """
     trajs = list(trajs)
-    if not 2 <= len(trajs) <= 3:
-        raise LenskitError(f"compare_heatmaps takes 2 or 3 trajectories, got {len(trajs)}")
+    if not 2 <= len(trajs) <= MAX_PANELS:
+        raise LenskitError(f"compare_heatmaps takes 2 to {MAX_PANELS} trajectories, got "
+                           f"{len(trajs)}: compare fewer lenses at a time")
     first = trajs[0]
     for other in trajs[1:]:
         if other.model_name != first.model_name:

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from plotly.colors import hex_to_rgb
 
 from lenskit.errors import LenskitError
-from lenskit.plotting.style import PALETTE, TEMPLATE, display_token
+from lenskit.plotting.style import MISSING_COLOR, PALETTE, TEMPLATE, display_token
 from lenskit.trajectory import Trajectory
 
 __all__ = ["metric_lines", "target_plot"]
@@ -22,6 +22,46 @@ def _band_color(color: str, alpha: float = 0.18) -> str:
 
 
 _WORDS = {"kl": "KL", "js": "JS", "ce": "cross-entropy", "tv": "total variation"}
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _band(x: list[int], lo: list[float], hi: list[float]) -> tuple[list, list]:
+    """A closed outline per run of finite bounds, runs separated by None (gaps stay open)."""
+    xs: list = []
+    ys: list = []
+    run: list[tuple[int, float, float]] = []
+    for point in [*zip(x, lo, hi, strict=True), None]:
+        if point is not None and _finite(point[1]) and _finite(point[2]):
+            run.append(point)
+            continue
+        if run:
+            if xs:
+                xs.append(None)
+                ys.append(None)
+            xs += [p[0] for p in run] + [p[0] for p in reversed(run)]
+            ys += [p[2] for p in run] + [p[1] for p in reversed(run)]
+        run = []
+    return xs, ys
+
+
+def _mark_uncovered(fig: go.Figure, frame: pd.DataFrame) -> None:
+    """Shade the layers some lens does not cover and name the lenses, as the heatmaps do."""
+    if "covered" not in frame.columns:
+        return
+    missing = frame[~frame["covered"].astype(bool)]
+    by_layer: dict[int, list[str]] = {}
+    for lens, layer in zip(missing["lens"], missing["layer"].astype(int), strict=True):
+        by_layer.setdefault(layer, []).append(str(lens))
+    for layer, names in sorted(by_layer.items()):
+        fig.add_vrect(x0=layer - 0.5, x1=layer + 0.5, fillcolor=MISSING_COLOR, opacity=0.45,
+                      line_width=0, layer="below")
+        fig.add_annotation(
+            x=layer, y=0.5, xref="x", yref="paper", textangle=-90, showarrow=False,
+            text=f"not covered by {', '.join(names)}", font={"size": 11, "color": "#555555"},
+        )
 
 
 def _metric_title(metric: str) -> str:
@@ -52,6 +92,11 @@ def metric_lines(
       is ``value ± band_z * se``, 95% by default) or ``<metric>_lo`` and
       ``<metric>_hi`` (the band's edges, used as they are). With neither, no band.
     - optional ``layer_label`` (str): tick labels for the layers (``L0`` ... ``output``).
+    - optional ``covered`` (bool): False where the lens does not read the layer (the
+      J-lens at ``L0``); such a row is a gap in its line, shaded and labelled
+      ``not covered by <lens>``, never joined to its neighbours.
+
+    Missing values (NaN) are gaps in the line and its band.
 
     Args:
         frame: The metric table.
@@ -92,14 +137,18 @@ def metric_lines(
         color = PALETTE[i % len(PALETTE)]
         x = group["layer"].astype(int).tolist()
         y = group[metric].astype(float)
+        if "covered" in group.columns:
+            y = y.where(group["covered"].astype(bool))
         if has_bounds:
             lo, hi = group[f"{metric}_lo"].astype(float), group[f"{metric}_hi"].astype(float)
         elif has_se:
             se = group[f"{metric}_se"].astype(float)
             lo, hi = y - band_z * se, y + band_z * se
         if has_bounds or has_se:
+            lo, hi = lo.where(y.notna()), hi.where(y.notna())
+            band_x, band_y = _band(x, lo.tolist(), hi.tolist())
             fig.add_trace(go.Scatter(
-                x=x + x[::-1], y=hi.tolist() + lo.tolist()[::-1], fill="toself", mode="lines",
+                x=band_x, y=band_y, fill="toself", mode="lines",
                 fillcolor=_band_color(color), line={"width": 0}, hoverinfo="skip",
                 showlegend=False, legendgroup=str(lens), name=f"{lens} band",
             ))
@@ -107,7 +156,8 @@ def metric_lines(
         if has_bounds or has_se:
             band = " [%{customdata[0]:.3g}, %{customdata[1]:.3g}]"
         fig.add_trace(go.Scatter(
-            x=x, y=y.tolist(), mode="lines+markers", name=str(lens), legendgroup=str(lens),
+            x=x, y=[v if _finite(v) else None for v in y.tolist()], mode="lines+markers",
+            name=str(lens), legendgroup=str(lens), connectgaps=False,
             line={"color": color, "width": 2}, marker={"size": 5},
             customdata=list(zip(lo, hi, strict=True)) if band else None,
             hovertemplate=f"{lens}: %{{y:.3g}}{band}<extra></extra>",
@@ -125,6 +175,7 @@ def metric_lines(
                             "type": "log" if log_y else "linear"},
         width=820, height=460, hovermode="x unified",
     )
+    _mark_uncovered(fig, frame)
     return fig
 
 
