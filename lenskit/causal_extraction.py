@@ -222,9 +222,7 @@ def _residuals(model: Any, tokens: Tensor, layers: list[int], cfg: CausalBasisCo
 def _check_inputs(model: Any, lens: Lens, layers: int | Sequence[int], cfg: CausalBasisConfig,
                   out: str | Path | None) -> list[int]:
     adapter = lens.adapter
-    if adapter.model is not model:
-        raise LenskitError(f"this {lens.kind} lens was built for another model object: build it "
-                           "with get_lens(kind, model) for this model")
+    lens.check_model(model)
     layers = [layers] if isinstance(layers, int) else list(layers)
     if not layers or len(set(layers)) != len(layers):
         raise LenskitError(f"give one or more distinct layers, got {layers}")

@@ -181,11 +181,7 @@ class _DivergenceCells:
 
 def _check_model(model: Any, lenses: Sequence[Lens]) -> None:
     for lens in lenses:
-        if lens.adapter.model is not model:
-            raise LenskitError(
-                f"this {lens.kind} lens was built for another model object: build it with "
-                "get_lens(kind, model) for this model"
-            )
+        lens.check_model(model)
 
 
 def lens_divergence(

@@ -183,11 +183,7 @@ class TrajectoryBuilder:
                  final_logits: Float[Tensor, "pos d_vocab"],
                  target: tuple[str, int] | None, top_k: int) -> None:
         adapter = lens.adapter
-        if adapter.model is not model:
-            raise LenskitError(
-                f"this {lens.kind} lens was built for another model object: build it with "
-                "get_lens(kind, model) for this model"
-            )
+        lens.check_model(model)
         if not 1 <= top_k <= adapter.d_vocab:
             raise LenskitError(f"top_k must be in 1..{adapter.d_vocab}, got {top_k}")
         self.model, self.lens, self.tokens, self.target, self.top_k = (
@@ -285,11 +281,7 @@ def trajectory(
     Returns:
         The :class:`Trajectory`.
     """
-    if lens.adapter.model is not model:
-        raise LenskitError(
-            f"this {lens.kind} lens was built for another model object: build it with "
-            "get_lens(kind, model) for this model"
-        )
+    lens.check_model(model)  # before the forward pass
     resolved = None if target is None else resolve_target(model.tokenizer, target)
     tokens = prompt_tokens(model, prompt)
     cap = capture(model, tokens)

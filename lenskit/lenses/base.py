@@ -93,6 +93,14 @@ class Lens(torch.nn.Module, ABC):
         translated = self.transform_hidden(h, layer)
         return self.adapter.readout(translated)
 
+    def check_model(self, model: Any) -> None:
+        """Raise a one-line error unless this lens was built for ``model``."""
+        if self.adapter.model is not model:
+            raise LenskitError(
+                f"this {self.kind} lens was built for another model object: build it with "
+                "get_lens(kind, model) for this model"
+            )
+
     def read_rows(
         self, hidden: Float[Tensor, "layer pos d_model"], layers: Sequence[int]
     ) -> Float[Tensor, "layer pos d_vocab"]:
