@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import lenskit
 from lenskit.data import SUFFIXES
 from lenskit.errors import LenskitError
 from lenskit.io import cache_dir
@@ -117,7 +118,8 @@ def saved_lenses(name: str, kind: str) -> list[str]:
     """Saved lenses of ``kind`` for ``name`` in the allowed folders' ``lenses/<model>/``.
 
     Tuned lenses are folders with ``config.json``; J-lenses are ``*.pt`` files or folders
-    with ``lens.pt``. Newest first.
+    with ``lens.pt``; causal bases (``tuned-with-causal-basis``) are folders with
+    ``basis.json``. Newest first.
     """
     found: list[Path] = []
     homes = {lens_home(name), *(root / "lenses" / folder_name(name) for root in allowed_roots())}
@@ -127,7 +129,9 @@ def saved_lenses(name: str, kind: str) -> list[str]:
         for entry in home.iterdir():
             tuned = (entry / "config.json").is_file()
             jacobian = (entry.suffix == ".pt" and entry.is_file()) or (entry / "lens.pt").is_file()
-            if (kind == "tuned" and tuned) or (kind == "jacobian" and jacobian):
+            causal = (entry / "basis.json").is_file()
+            if (kind == "tuned" and tuned) or (kind == "jacobian" and jacobian) or \
+                    (kind == "tuned-with-causal-basis" and causal):
                 found.append(entry)
     found = [p for p in found if is_allowed(p)]
     found.sort(key=lambda p: (-p.stat().st_mtime, str(p)))
@@ -149,10 +153,14 @@ def corpus_path(text: str) -> str:
 
 
 def out_path(text: str) -> Path:
-    """A typed output folder, checked to lie in the allowed folders and not to be a file."""
+    """A typed output folder: in the allowed folders, not a file, not in the lenskit package."""
     path = check_path(text, what="output")
     if path.exists() and not path.is_dir():
         raise LenskitError(f"{path} is a file: give a folder for the lens")
+    package = Path(lenskit.__file__).resolve().parent
+    if path == package or package in path.parents:
+        raise LenskitError(f"{path} is inside the lenskit package, whose shipped lenses must "
+                           "stay as they are: choose a folder outside it")
     return path
 
 

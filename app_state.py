@@ -30,9 +30,10 @@ DTYPE = "lenskit_dtype"
 LENS_PATHS = "lenskit_lens_paths"  # {kind: path} chosen by the user
 TRAIN = "lenskit_train"  # the last training run: {"out", "model", "status", ...}
 EVAL = "lenskit_eval"  # the inputs of the last evaluation run (a dict)
+CAUSAL_RUN = "lenskit_causal_run"  # the last causal basis extraction: {"out", "status", ...}
 
 CAUSAL_KIND = "tuned-with-causal-basis"
-PATH_KINDS = ("tuned", "jacobian")  # lens kinds read from a file the user may choose
+PATH_KINDS = ("tuned", "jacobian", CAUSAL_KIND)  # lens kinds read from a file or folder
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
 MAX_PROMPT_TOKENS = 512
@@ -82,11 +83,14 @@ def trajectory(
     prompt: str,
     target: str | None,
     top_k: int,
+    rows: tuple[int, ...] | None = None,
+    positions: tuple[int, int] | None = None,
 ) -> lenskit.Trajectory:
-    """A trajectory, cached on the model key, the lens and every input."""
+    """A trajectory of the shown rows and positions, cached on every input."""
     model = load_model(name, device, dtype)
     lens = load_lens(kind, name, device, dtype, path)
-    return lenskit.trajectory(model, lens, prompt, target=target or None, top_k=top_k)
+    return lenskit.trajectory(model, lens, prompt, target=target or None, top_k=top_k,
+                              rows=rows, positions=positions)
 
 
 def lens_path(kind: str) -> str | None:
@@ -152,13 +156,16 @@ def comparison(
     device: str,
     dtype: str,
     prompt: str,
+    rows: tuple[int, ...] | None = None,
+    positions: tuple[int, int] | None = None,
 ) -> Any:
-    """Trajectories of several lenses and one pair's divergence, cached on every input."""
+    """Several lenses' trajectories and a pair's divergence on the shown cells, cached on all."""
     from lenskit.comparison import compare
 
     model = load_model(name, device, dtype)
     lenses = [load_lens(k, name, device, dtype, p) for k, p in zip(kinds, paths, strict=True)]
-    return compare(model, lenses, prompt, pair=(kinds.index(pair[0]), kinds.index(pair[1])))
+    return compare(model, lenses, prompt, pair=(kinds.index(pair[0]), kinds.index(pair[1])),
+                   rows=rows, positions=positions)
 
 
 @st.cache_data(show_spinner="Reading the causal basis…", max_entries=32)
@@ -243,7 +250,7 @@ def lens_files_section(name: str) -> None:
             format_func=lambda o: ("default (shipped for this model, if any)" if o == _DEFAULT
                                    else "another path…" if o == _OTHER else o),
             help=f"Lenses saved under lenses/{folder_name(name)}/ in the allowed folders are "
-            "listed; the Train page saves there.",
+            f"listed; the {'Causal basis' if kind == CAUSAL_KIND else 'Train'} page saves there.",
         )
         st.session_state[other_key] = pick == _OTHER
         if pick != _OTHER:
@@ -326,3 +333,32 @@ def train_lens(model: Any, config: Any, out: Path, *, resume: bool,
     return train_tuned_lens(model, config, out, resume=resume, progress=False,
                             on_progress=on_progress)
 
+
+# --- causal basis extraction ----------------------------------------------------------
+
+
+def extract_basis(model: Any, tuned: Any, layer: int, config: Any, corpus: str | None,
+                  out: Path, *, on_progress: Callable[[Any], None]) -> Any:
+    """Extract ``layer``'s causal basis into the folder ``out`` (created here).
+
+    The cached causal-basis lens of ``out`` and the cached bases and tokens are dropped
+    afterwards (also after a stop), so every page reads the folder as it now is.
+    """
+    from lenskit.causal_basis import INDEX_FILE
+    from lenskit.causal_extraction import extract_causal_basis
+
+    if out.is_dir() and not (out / INDEX_FILE).is_file() and any(out.iterdir()):
+        raise LenskitError(f"{out} holds other files and no causal basis: choose a new folder "
+                           "or a basis folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LenskitError(f"cannot create {out} ({err.strerror or type(err).__name__}): "
+                           "choose a writable folder") from err
+    try:
+        return extract_causal_basis(model, tuned, [layer], config, corpus, out=out,
+                                    progress=False, on_progress=on_progress)[layer]
+    finally:
+        load_lens.clear(CAUSAL_KIND, *model_key(), str(out))
+        causal_basis.clear()
+        direction_tokens.clear()

@@ -168,7 +168,7 @@ def phase_score(work: Path, package: dict, runs: dict, minutes: float) -> dict[s
     import torch
 
     import lenskit
-    from lenskit.evaluation import layer_kl_sums
+    from lenskit.layer_kl import layer_kl_sums
     from lenskit.lenses.tuned import TunedLens
     from lenskit.metrics import LN2
 

@@ -45,6 +45,7 @@ from lenskit.errors import LenskitError
 from lenskit.evaluation import eval_chunks
 from lenskit.lenses.base import Lens
 from lenskit.metrics import Reference
+from lenskit.progress import BasisProgress, BasisProgressCallback
 from lenskit.residual import capture
 
 __all__ = ["CausalBasisConfig", "extract_causal_basis", "find_direction", "lens_record",
@@ -253,6 +254,7 @@ def extract_causal_basis(
     *,
     out: str | Path | None = None,
     progress: bool = True,
+    on_progress: BasisProgressCallback | None = None,
 ) -> dict[int, CausalBasis]:
     """Extract the causal basis of one or more layers (see the module docs).
 
@@ -267,6 +269,10 @@ def extract_causal_basis(
         data: A corpus or a source for :func:`~lenskit.data.load_corpus` (None: Shakespeare).
         out: A basis folder to save each layer into.
         progress: Show tqdm bars.
+        on_progress: Called with a :class:`~lenskit.progress.BasisProgress` before the
+            residuals are captured, after each L-BFGS iteration, before a layer's directions
+            are measured and once the layer is done. If it raises, the extraction stops
+            there; the layers done before are already saved in ``out``.
 
     Returns:
         The basis of each layer.
@@ -277,6 +283,7 @@ def extract_causal_basis(
     """
     from tqdm.auto import tqdm
 
+    begun = time.perf_counter()
     cfg = config or CausalBasisConfig()
     layers = _check_inputs(model, lens, layers, cfg, out)
     adapter = lens.adapter
@@ -287,6 +294,17 @@ def extract_causal_basis(
     held_chunks = eval_chunks(model, held, tokens=cfg.eval_tokens, seq_len=cfg.seq_len,
                               seed=cfg.seed)
     tic = time.perf_counter()
+    search_seconds = 0.0
+
+    def report(phase: str, li: int = 0, direction: int = 0, iteration: int = 0,
+               value: float | None = None) -> None:
+        if on_progress is not None:
+            on_progress(BasisProgress(
+                phase, layers[li] if phase != "capture" else None, li, len(layers), direction,
+                cfg.k, iteration, cfg.max_iter, value, time.perf_counter() - begun,
+                search_seconds))
+
+    report("capture")
     skip = cfg.skip_first
     train_h, _ = _residuals(model, train_chunks.tokens, layers, cfg, clean=False,
                             desc="training residuals", progress=progress)
@@ -325,8 +343,12 @@ def extract_causal_basis(
                     gen = torch.Generator().manual_seed(cfg.seed + i)
                     start = torch.randn(adapter.d_model, generator=gen, dtype=torch.float64)
 
-                def show(it: int, value: float, i: int = i, bar: Any = bar) -> None:
+                def show(it: int, value: float, i: int = i, li: int = li, bar: Any = bar
+                         ) -> None:
                     bar.set_postfix_str(f"dir {i + 1} it {it} {value:.4f} bits")
+                    report("search", li, i, it, value)
+
+                t_dir = time.perf_counter()
 
                 v, value, n_iter, ok = find_direction(
                     objective, found, start.float(), max_iter=cfg.max_iter, tol=cfg.tol,
@@ -336,10 +358,12 @@ def extract_causal_basis(
                 train_inf.append(value)
                 iters.append(n_iter)
                 conv.append(ok)
+                search_seconds += time.perf_counter() - t_dir
                 bar.update(1)
         extract_seconds = time.perf_counter() - t0
         mode, fallbacks, calls = objective.mode, objective.fallbacks, objective.calls
         del objective
+        report("measure", li, cfg.k)
         t1 = time.perf_counter()
         hh = held_h[li]
         href = hh.clone()
@@ -370,4 +394,5 @@ def extract_causal_basis(
         if out is not None:
             basis.save(out)
         results[layer] = basis
+        report("done", li, cfg.k)
     return results

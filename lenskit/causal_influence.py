@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lenskit.causal_basis import CausalBasis
 from lenskit.errors import LenskitError
-from lenskit.evaluation import kl_nats
+from lenskit.layer_kl import kl_nats
 from lenskit.lenses.base import Lens
 from lenskit.metrics import LN2, Reference
 

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from lenskit.cells import Cells
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, row_blocks
 from lenskit.metrics import divergences
@@ -41,7 +42,8 @@ class LensDivergence:
     """Per-cell divergence between two lenses' distributions over one prompt.
 
     Rows are the block inputs ``0..n_layers-1`` and then the model's final
-    residual. A row is covered only if both lenses read it; uncovered rows are NaN.
+    residual. A row is covered only if both lenses read it; uncovered rows are NaN,
+    and so are cells outside ``cells`` when only some were computed.
 
     Attributes:
         model_name: The model's name.
@@ -58,6 +60,7 @@ class LensDivergence:
         top1_a: The first lens's most likely token per cell, nested ``[layer][pos]``
             (empty strings in uncovered rows).
         top1_b: The second lens's most likely token per cell.
+        cells: The rows and positions computed (None: all of them).
     """
 
     model_name: str
@@ -73,9 +76,14 @@ class LensDivergence:
     tv: Float[Tensor, "layer pos"] = field(repr=False)
     top1_a: tuple[tuple[str, ...], ...] = field(repr=False)
     top1_b: tuple[tuple[str, ...], ...] = field(repr=False)
+    cells: Cells | None = None
 
     def __post_init__(self) -> None:
         n_layer, n_pos = self.kl.shape
+        if self.cells is None:
+            object.__setattr__(self, "cells", Cells.select(n_layer, n_pos))
+        elif not self.cells.fits(n_layer, n_pos):
+            raise ValueError(f"divergence cells {self.cells} lie outside {n_layer}x{n_pos}")
         if len(self.tokens) != n_pos or len(self.layer_labels) != n_layer:
             raise ValueError(
                 f"divergence has {n_layer}x{n_pos} cells but {len(self.layer_labels)} layer "
@@ -105,10 +113,11 @@ class LensDivergence:
         return getattr(self, name)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per (layer, position) cell, long-form."""
-        n_layer, n_pos = self.kl.shape
-        layer = torch.arange(n_layer).repeat_interleave(n_pos)
-        pos = torch.arange(n_pos).repeat(n_layer)
+        """One row per computed (layer, position) cell, long-form."""
+        rows, n_pos = self.cells.rows, self.cells.n_pos
+        layer = torch.tensor(rows, dtype=torch.long).repeat_interleave(n_pos)
+        pos = torch.arange(self.cells.start, self.cells.stop).repeat(len(rows))
+        cells = list(zip(layer.tolist(), pos.tolist(), strict=True))
         frame = pd.DataFrame(
             {
                 "layer": layer.numpy(),
@@ -116,11 +125,11 @@ class LensDivergence:
                 "covered": self.covered[layer].numpy(),
                 "pos": pos.numpy(),
                 "input_token": [self.tokens[i] for i in pos.tolist()],
-                "top1_a": [tok for row in self.top1_a for tok in row],
-                "top1_b": [tok for row in self.top1_b for tok in row],
-                "kl_bits": self.kl.reshape(-1).double().numpy(),
-                "js_bits": self.js.reshape(-1).double().numpy(),
-                "tv": self.tv.reshape(-1).double().numpy(),
+                "top1_a": [self.top1_a[r][p] for r, p in cells],
+                "top1_b": [self.top1_b[r][p] for r, p in cells],
+                "kl_bits": self.kl[layer, pos].double().numpy(),
+                "js_bits": self.js[layer, pos].double().numpy(),
+                "tv": self.tv[layer, pos].double().numpy(),
             }
         )
         frame.attrs.update(
@@ -136,9 +145,11 @@ class LensDivergence:
 class _DivergenceCells:
     """Per-cell divergence arrays of two lenses, filled row by row."""
 
-    def __init__(self, lens_a: Lens, lens_b: Lens, n_pos: int) -> None:
+    def __init__(self, lens_a: Lens, lens_b: Lens, n_pos: int, cells: Cells | None = None
+                 ) -> None:
         n_rows = lens_a.adapter.n_rows
         self.lens_a, self.lens_b = lens_a, lens_b
+        self.cells = cells or Cells.select(n_rows, n_pos)
         self.covered = torch.tensor([lens_a.covers(r) and lens_b.covers(r)
                                      for r in range(n_rows)])
         self.kl = torch.full((n_rows, n_pos), math.nan)
@@ -146,15 +157,23 @@ class _DivergenceCells:
         self.top_a = torch.full((n_rows, n_pos), -1, dtype=torch.long)
         self.top_b = self.top_a.clone()
 
+    def rows(self) -> list[int]:
+        """Chosen rows that both lenses read."""
+        return [r for r in self.cells.rows if self.covered[r]]
+
     def add(self, row: int, logits_a: Tensor, logits_b: Tensor) -> None:
+        """Divergences of one row from both lenses' logits at the chosen positions."""
+        first = self.cells.start
         for start in range(0, logits_a.shape[0], _CELLS_PER_PASS):
-            cells = slice(start, start + _CELLS_PER_PASS)
-            kl_ab, js_ab, tv_ab = divergences(logits_a[cells], logits_b[cells])
-            self.kl[row, cells] = kl_ab.clamp_min(0.0).float()
-            self.js[row, cells] = js_ab.clamp_min(0.0).float()
-            self.tv[row, cells] = tv_ab.float()
-        self.top_a[row] = logits_a.argmax(-1)
-        self.top_b[row] = logits_b.argmax(-1)
+            part = slice(start, start + _CELLS_PER_PASS)
+            at = slice(first + start, first + min(start + _CELLS_PER_PASS, logits_a.shape[0]))
+            kl_ab, js_ab, tv_ab = divergences(logits_a[part], logits_b[part])
+            self.kl[row, at] = kl_ab.clamp_min(0.0).float()
+            self.js[row, at] = js_ab.clamp_min(0.0).float()
+            self.tv[row, at] = tv_ab.float()
+        window = slice(first, self.cells.stop)
+        self.top_a[row, window] = logits_a.argmax(-1)
+        self.top_b[row, window] = logits_b.argmax(-1)
 
     def finish(self, model: Any, tokens: Tensor, prompt: str | Tensor) -> LensDivergence:
         adapter, n_pos = self.lens_a.adapter, tokens.shape[-1]
@@ -176,6 +195,7 @@ class _DivergenceCells:
             tv=self.tv,
             top1_a=grid(self.top_a),
             top1_b=grid(self.top_b),
+            cells=self.cells,
         )
 
 
@@ -190,6 +210,8 @@ def lens_divergence(
     lens_b: Lens,
     prompt: str | Tensor,
     *,
+    rows: Sequence[int] | None = None,
+    positions: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> LensDivergence:
     """Compare two lenses' full next-token distributions at every row and position.
@@ -202,6 +224,8 @@ def lens_divergence(
         lens_a: The first lens (``p`` in ``KL(p || q)``), built for ``model``.
         lens_b: The second lens, built for ``model``.
         prompt: Text (tokenized with the model's BOS token) or token ids.
+        rows: Compute only these rows (None: all); the others are NaN.
+        positions: Compute only positions ``start..stop-1`` (None: all).
         progress: Called as ``progress(done, total)`` after each row, for a
             progress bar.
 
@@ -213,14 +237,16 @@ def lens_divergence(
     """
     _check_model(model, (lens_a, lens_b))
     tokens = prompt_tokens(model, prompt)
-    rows = capture(model, tokens, logits=False).lens_rows()[:, 0]  # [layer, pos, d_model]
-    cells = _DivergenceCells(lens_a, lens_b, tokens.shape[-1])
-    todo = [r for r in range(len(cells.covered)) if cells.covered[r]]
+    chosen = Cells.select(lens_a.adapter.n_rows, tokens.shape[-1], rows, positions)
+    hidden = capture(model, tokens, logits=False).lens_rows()[:, 0]  # [layer, pos, d_model]
+    hidden = hidden[:, chosen.start : chosen.stop]
+    cells = _DivergenceCells(lens_a, lens_b, tokens.shape[-1], chosen)
+    todo = cells.rows()
     done = 0
     with torch.no_grad():
-        for block in row_blocks(todo, tokens.shape[-1], _CELLS_PER_READOUT):
-            block_a = lens_a.read_rows(rows[block], block)  # [rows in block, pos, d_vocab]
-            block_b = lens_b.read_rows(rows[block], block)
+        for block in row_blocks(todo, chosen.n_pos, _CELLS_PER_READOUT):
+            block_a = lens_a.read_rows(hidden[block], block)  # [rows in block, pos, d_vocab]
+            block_b = lens_b.read_rows(hidden[block], block)
             for row, logits_a, logits_b in zip(block, block_a, block_b, strict=True):
                 cells.add(row, logits_a, logits_b)
                 done += 1
@@ -250,6 +276,8 @@ def compare(
     pair: tuple[int, int] | None = (0, 1),
     target: str | int | None = None,
     top_k: int = 10,
+    rows: Sequence[int] | None = None,
+    positions: tuple[int, int] | None = None,
 ) -> Comparison:
     """Trajectories of several lenses and the divergence of two, sharing every readout.
 
@@ -264,6 +292,8 @@ def compare(
         pair: Indices into ``lenses`` of the divergence's ``(a, b)``, or None for none.
         target: A token (text or id) whose probability and rank to follow.
         top_k: Top tokens kept per cell.
+        rows: Compute only these rows (None: all); the others are NaN.
+        positions: Compute only positions ``start..stop-1`` (None: all).
 
     Returns:
         The :class:`Comparison`.
@@ -276,22 +306,30 @@ def compare(
         raise LenskitError(f"pair {pair} must name two different lenses among 0..{len(lenses) - 1}")
     resolved = None if target is None else resolve_target(model.tokenizer, target)
     tokens = prompt_tokens(model, prompt)
+    adapter = lenses[0].adapter
+    n_pos, out = tokens.shape[-1], adapter.n_layers
+    chosen = Cells.select(out + 1, n_pos, rows, positions)
     cap = capture(model, tokens)
-    rows = cap.lens_rows()[:, 0]  # [layer, pos, d_model]
-    n_pos, out = tokens.shape[-1], lenses[0].adapter.n_layers
-    builders = [TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k)
+    hidden = cap.lens_rows()[:, 0, chosen.start : chosen.stop]  # [layer, pos, d_model]
+    builders = [TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k, chosen)
                 for lens in lenses]
-    cells = None if pair is None else _DivergenceCells(lenses[pair[0]], lenses[pair[1]], n_pos)
+    cells = (None if pair is None
+             else _DivergenceCells(lenses[pair[0]], lenses[pair[1]], n_pos, chosen))
     wanted = sorted({r for b in builders for r in b.lens_rows()}
-                    | ({r for r in range(out + 1) if cells.covered[r]} if cells else set()))
+                    | (set(cells.rows()) if cells else set()))
     with torch.no_grad():
-        for block in row_blocks(wanted, n_pos, _CELLS_PER_READOUT):
-            read = {}
+        for block in row_blocks(wanted, chosen.n_pos, _CELLS_PER_READOUT):
+            # Every lens translates its rows; one readout then serves all of them (the
+            # final norm and unembedding are the model's, shared by every lens).
+            mine = {}
             for i, (lens, builder) in enumerate(zip(lenses, builders, strict=True)):
-                mine = [r for r in block if lens.covers(r)
-                        and (r in builder.lens_rows() or (cells and i in pair and r == out))]
-                if mine:
-                    read[i] = dict(zip(mine, lens.read_rows(rows[mine], mine), strict=True))
+                rows_i = [r for r in block if lens.covers(r)
+                          and (r in builder.lens_rows() or (cells and i in pair and r == out))]
+                if rows_i:
+                    mine[i] = rows_i
+            translated = [lenses[i].translate_rows(hidden[r], r) for i, r in mine.items()]
+            logits = iter(adapter.readout(torch.cat(translated)) if translated else ())
+            read = {i: {r: next(logits) for r in rows_i} for i, rows_i in mine.items()}
             for i, builder in enumerate(builders):
                 for row in builder.lens_rows():
                     if row in read.get(i, {}):

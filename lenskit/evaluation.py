@@ -3,8 +3,7 @@
 :func:`evaluate` streams a corpus through the model in batches of chunks; each batch runs
 the model once and every lens reads the same residuals. Only per-chunk means are kept
 (merged into running moments, see :mod:`lenskit.eval_stats`), so memory stays flat as the
-token count grows. :func:`layer_kl_sums` and :func:`layer_kl` are the lean KL-only version
-that training uses.
+token count grows. :mod:`lenskit.layer_kl` is the lean KL-only version that training uses.
 
 Every lens is scored against the model's output, whatever it was fitted for: the
 ``objective`` column says which lenses were trained to match that output (the tuned lens)
@@ -21,7 +20,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -29,6 +27,7 @@ from torch import Tensor
 from lenskit.data import Corpus, TokenChunks, load_corpus, split_documents, tokenize_corpus
 from lenskit.errors import LenskitError
 from lenskit.eval_stats import METRICS, ChunkMoments, EvalResult, metrics_frame, transfer_frame
+from lenskit.layer_kl import ROWS_PER_READOUT, kl_nats
 from lenskit.lenses.base import Lens
 from lenskit.lenses.tuned import TunedLens
 from lenskit.metrics import LN2, Reference, row_stats
@@ -36,105 +35,7 @@ from lenskit.models import ModelAdapter
 from lenskit.progress import Progress, ProgressCallback
 from lenskit.residual import capture
 
-__all__ = ["OBJECTIVES", "ROWS_PER_READOUT", "EvalResult", "eval_chunks", "evaluate", "kl_nats",
-           "layer_kl", "layer_kl_sums", "lens_objective"]
-
-ROWS_PER_READOUT = 512  # rows per unembedding matmul: near peak speed, memory stays flat
-
-
-def kl_nats(
-    reference: Reference, logits: Float[Tensor, "n d_vocab"]
-) -> Float[Tensor, " n"]:
-    """``KL(p || q)`` in nats for lens logits ``z``: ``sum p log p + lse(z) - E_p[z]``.
-
-    Differentiable in ``logits``; its gradient is ``softmax(z) - p``.
-    """
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    mean_p = (reference.probs * z).sum(-1)  # not einsum: see lenskit.metrics.row_stats
-    return reference.neg_entropy + torch.logsumexp(z, dim=-1) - mean_p
-
-
-def layer_kl_sums(
-    model: Any,
-    lenses: Sequence[Lens],
-    tokens: Int[Tensor, "chunk pos"],
-    *,
-    batch_size: int = 4,
-    progress: bool = False,
-) -> Float[Tensor, "lens layer"]:
-    """Summed ``KL(model output || lens)`` in nats per lens and block input, over all tokens.
-
-    Each batch of chunks runs through the model once; every lens reads the same residuals.
-    Block inputs a lens does not cover are skipped and NaN.
-
-    Args:
-        model: A ``TransformerBridge``.
-        lenses: Lenses built for ``model``.
-        tokens: Token chunks, one per row.
-        batch_size: Chunks per forward pass.
-        progress: Show a tqdm bar.
-
-    Returns:
-        ``[len(lenses), n_layers]`` float64 sums (divide by ``tokens.numel()`` for means),
-        NaN where a lens does not cover the layer.
-    """
-    if batch_size < 1:
-        raise LenskitError(f"batch_size must be >= 1, got {batch_size}: pass a positive size")
-    n_layers = int(model.cfg.n_layers)
-    sums = torch.zeros(len(lenses), n_layers, dtype=torch.float64)
-    covered = [[lens.covers(layer) for layer in range(n_layers)] for lens in lenses]
-    starts = range(0, tokens.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="held-out KL", unit="batch", leave=False)
-    device = lenses[0].adapter.W_U.device if lenses else "cpu"
-    with torch.no_grad():
-        for start in starts:
-            batch = tokens[start : start + batch_size].to(device)
-            cap = capture(model, batch)
-            rows = cap.stack("resid_pre").flatten(1, 2)  # [layer, n, d_model]
-            reference = Reference.from_logits(cap.logits.flatten(0, 1))
-            for lo in range(0, rows.shape[1], ROWS_PER_READOUT):
-                part = Reference(reference.probs[lo : lo + ROWS_PER_READOUT],
-                                 reference.neg_entropy[lo : lo + ROWS_PER_READOUT])
-                for i, lens in enumerate(lenses):
-                    for layer in range(n_layers):
-                        if covered[i][layer]:
-                            logits = lens(rows[layer, lo : lo + ROWS_PER_READOUT], layer)
-                            sums[i, layer] += kl_nats(part, logits).double().sum().cpu()
-    sums[~torch.tensor(covered, dtype=torch.bool).view(len(lenses), n_layers)] = math.nan
-    return sums
-
-
-def layer_kl(
-    model: Any,
-    lens: Lens,
-    chunks: TokenChunks,
-    *,
-    batch_size: int = 4,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Mean ``KL(model output || lens)`` in bits at each block input, over held-out chunks.
-
-    Args:
-        model: A ``TransformerBridge``.
-        lens: A lens built for ``model``.
-        chunks: Held-out token chunks (see :func:`lenskit.data.tokenize_corpus`).
-        batch_size: Chunks per forward pass.
-        progress: Show a tqdm bar.
-
-    Returns:
-        One row per block input: columns ``layer``, ``kl_bits`` (NaN where the lens does
-        not cover the layer) and ``covered``.
-    """
-    sums = layer_kl_sums(model, [lens], chunks.tokens, batch_size=batch_size, progress=progress)
-    means = (sums[0] / chunks.n_tokens / LN2).tolist()
-    frame = pd.DataFrame({"layer": list(range(len(means))), "kl_bits": means,
-                          "covered": [lens.covers(layer) for layer in range(len(means))]})
-    frame.attrs.update(model=lens.adapter.name, lens=lens.kind, source=chunks.source,
-                       tokens=chunks.n_tokens)
-    return frame
+__all__ = ["OBJECTIVES", "EvalResult", "eval_chunks", "evaluate", "lens_objective"]
 
 
 DEFAULT_SEQ_LEN = 256

@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lenskit.errors import LenskitError
-from lenskit.evaluation import ROWS_PER_READOUT, kl_nats
+from lenskit.layer_kl import ROWS_PER_READOUT, kl_nats
 from lenskit.lenses.tuned import TunedLens
 from lenskit.metrics import Reference
 from lenskit.models import DEFAULT_MODEL, ModelAdapter

@@ -312,8 +312,10 @@ class ModelAdapter:
 
     def unembed(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Unembed normalised residuals: ``x @ W_U + b_U`` and the model's output transform."""
-        logits = x @ self.W_U + self.b_U
-        return self.model.adapter.apply_output_logits_transform(logits)
+        flat = x.reshape(-1, self.d_model)
+        logits = torch.addmm(self.b_U, flat, self.W_U)  # the bias added inside the matmul
+        return self.model.adapter.apply_output_logits_transform(
+            logits.reshape(*x.shape[:-1], logits.shape[-1]))
 
     def readout(self, h: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Read residuals through the final norm and unembedding, exactly as the model does.

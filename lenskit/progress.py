@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Progress", "ProgressCallback"]
+__all__ = ["BasisProgress", "BasisProgressCallback", "Progress", "ProgressCallback"]
 
 
 @dataclass(frozen=True)
@@ -43,3 +43,60 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 """A callback taking a :class:`Progress`; if it raises, the loop stops (see the loop's docs)."""
+
+
+@dataclass(frozen=True)
+class BasisProgress:
+    """Where a causal basis extraction stands, passed to its ``on_progress`` callback.
+
+    Attributes:
+        phase: ``"capture"`` (reading the residuals, once), ``"search"`` (after each L-BFGS
+            iteration of a direction), ``"measure"`` (measuring a layer's directions on
+            held-out text) or ``"done"`` (a layer finished, and saved where there is a folder).
+        layer: The layer worked on (None while capturing).
+        layers_done: Layers finished before ``layer``.
+        n_layers: Layers in the run.
+        direction: Directions of ``layer`` finished (the one searched is ``direction + 1``).
+        k: Directions per layer.
+        iteration: L-BFGS iterations of the searched direction so far (0 outside a search).
+        max_iter: Most iterations per direction.
+        objective_bits: The searched direction's lens influence (bits per token) at its
+            last iteration, during a search.
+        seconds: Wall time since the extraction started.
+        search_seconds: Wall time spent on finished directions (the base of the ETA).
+    """
+
+    phase: str
+    layer: int | None
+    layers_done: int
+    n_layers: int
+    direction: int
+    k: int
+    iteration: int
+    max_iter: int
+    objective_bits: float | None
+    seconds: float
+    search_seconds: float
+
+    @property
+    def directions_done(self) -> int:
+        """Directions finished over all layers."""
+        return self.layers_done * self.k + self.direction
+
+    @property
+    def fraction(self) -> float:
+        """Share of all directions found, in [0, 1]."""
+        total = self.n_layers * self.k
+        return min(1.0, self.directions_done / total) if total > 0 else 1.0
+
+    @property
+    def eta_seconds(self) -> float:
+        """Seconds left for the remaining directions at the speed so far (NaN before one)."""
+        done = self.directions_done
+        if done == 0:
+            return math.nan
+        return self.search_seconds / done * (self.n_layers * self.k - done)
+
+
+BasisProgressCallback = Callable[[BasisProgress], None]
+"""A callback taking a :class:`BasisProgress`; if it raises, the extraction stops."""

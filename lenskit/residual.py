@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -175,12 +176,11 @@ def token_texts(tokenizer: Any, ids: Tensor) -> list[Any]:
     Ids below zero (a placeholder for "no token") decode to ``""``. Every distinct id
     is decoded once, in one batch call.
     """
-    unique = sorted({i for i in ids.reshape(-1).tolist() if i >= 0})
-    text = dict(zip(unique, tokenizer.batch_decode([[i] for i in unique]), strict=True))
-
-    def nest(values: Any) -> Any:
-        if isinstance(values, list):
-            return [nest(v) for v in values]
-        return text.get(values, "")
-
-    return nest(ids.tolist())
+    unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    texts = ["" if i < 0 else text for i, text in zip(
+        unique.tolist(), tokenizer.batch_decode([[max(i, 0)] for i in unique.tolist()]),
+        strict=True)]
+    grid = np.empty(len(texts), dtype=object)
+    grid[:] = texts
+    out = grid[inverse.reshape(ids.shape).numpy()]
+    return out.tolist() if isinstance(out, np.ndarray) else out

@@ -35,9 +35,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from lenskit.checkpoints import CHECKPOINT_FILE, check_out, checkpoint_config
 from lenskit.data import batch_indices, load_corpus, split_documents, tokenize_corpus
 from lenskit.errors import LenskitError
-from lenskit.evaluation import layer_kl_sums
 from lenskit.fitting import (
     Dist,
     NormalEquations,
@@ -50,8 +50,9 @@ from lenskit.fitting import (
     set_translators,
 )
 from lenskit.io import atomic_torch_save, atomic_write_json
+from lenskit.layer_kl import layer_kl_sums
 from lenskit.lenses.logit import LogitLens
-from lenskit.lenses.tuned import CONFIG_FILE, TunedLens
+from lenskit.lenses.tuned import TunedLens
 from lenskit.metrics import LN2
 from lenskit.models import ModelAdapter
 from lenskit.progress import Progress, ProgressCallback
@@ -60,9 +61,7 @@ from lenskit.residual import capture
 __all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "TrainConfig", "TrainResult",
            "checkpoint_config", "train_tuned_lens"]
 
-CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
-_RESUMABLE = ("checkpoint_every", "device")  # fields a resume may change: they leave the lens be
 _TOKENIZE_AT_LEAST = 1 << 20  # tokens of the training split to draw batches from
 
 
@@ -100,53 +99,6 @@ class TrainResult:
         """One row per block input: ``layer``, ``logit_kl_bits``, ``tuned_kl_bits``."""
         return pd.DataFrame({"layer": range(len(self.logit_kl)), "logit_kl_bits": self.logit_kl,
                              "tuned_kl_bits": self.tuned_kl})
-
-
-def _load_checkpoint(file: Path) -> tuple[dict[str, Any], TrainConfig]:
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        return state, TrainConfig.from_dict(state["config"])
-    except Exception as err:
-        raise LenskitError(f"{file} is corrupt ({type(err).__name__}): delete it to start "
-                           "over") from err
-
-
-def checkpoint_config(out_dir: str | os.PathLike[str]) -> TrainConfig | None:
-    """The settings of the unfinished run in ``out_dir`` (None: it holds no checkpoint).
-
-    Raises:
-        LenskitError: For a corrupt checkpoint.
-    """
-    file = Path(out_dir).expanduser() / CHECKPOINT_FILE
-    return _load_checkpoint(file)[1] if file.is_file() else None
-
-
-def _read_checkpoint(out: Path, config: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint to resume from (None to start afresh), after checking the settings."""
-    file = out / CHECKPOINT_FILE
-    if not file.is_file():
-        if (out / CONFIG_FILE).is_file():
-            raise LenskitError(f"training in {out} already finished: choose another --out")
-        return None
-    state, old_config = _load_checkpoint(file)
-    old = old_config.to_dict()
-    for key, value in config.to_dict().items():
-        if key not in _RESUMABLE and old[key] != value:
-            raise LenskitError(f"the checkpoint in {out} was made with {key}={old[key]!r}, not "
-                               f"{value!r}: resume with the same settings or choose another "
-                               "--out")
-    return state
-
-
-def _check_out(out: Path, resume: bool, config: TrainConfig) -> dict[str, Any] | None:
-    if resume:
-        return _read_checkpoint(out, config)
-    if (out / CHECKPOINT_FILE).is_file():
-        raise LenskitError(f"{out} holds an unfinished training run: pass --resume to continue "
-                           "it or choose another --out")
-    if (out / CONFIG_FILE).is_file():
-        raise LenskitError(f"{out} already holds a lens: choose another --out")
-    return None
 
 
 def _data(model: Any, config: TrainConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -367,7 +319,7 @@ def train_tuned_lens(
         if (config.tokens_per_step // config.seq_len) % dist.world:
             raise LenskitError(f"tokens_per_step/seq_len must be a multiple of the {dist.world} "
                                "ranks: change --tokens-per-step")
-        ckpt = _check_out(out, resume, config)
+        ckpt = check_out(out, resume, config)
         run = _Run(model, config, out, dist, progress and dist.rank == 0, on_progress)
         if ckpt is not None:
             run.restore(ckpt)

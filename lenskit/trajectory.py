@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from lenskit.cells import Cells
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, row_blocks
 from lenskit.metrics import LN2, Reference, row_stats
@@ -27,7 +29,8 @@ class Trajectory:
 
     Rows are the block inputs ``0..n_layers-1`` and then the model's own output.
     Cross-entropy is of the actual next token (NaN at the last position); rows the
-    lens does not cover are NaN and ``covered`` is False there.
+    lens does not cover are NaN and ``covered`` is False there. A trajectory computed
+    for some rows or positions only (``cells``) is NaN outside them.
 
     Attributes:
         model_name: The model's name.
@@ -47,6 +50,7 @@ class Trajectory:
         target_id: Its id.
         target_prob: Its probability per row and position.
         target_rank: Its zero-based rank (0 = top-1).
+        cells: The rows and positions computed (None: all of them).
     """
 
     model_name: str
@@ -66,9 +70,14 @@ class Trajectory:
     target_id: int | None = None
     target_prob: Float[Tensor, "layer pos"] | None = field(default=None, repr=False)
     target_rank: Int[Tensor, "layer pos"] | None = field(default=None, repr=False)
+    cells: Cells | None = None
 
     def __post_init__(self) -> None:
         n_layer, n_pos = self.entropy.shape
+        if self.cells is None:
+            object.__setattr__(self, "cells", Cells.select(n_layer, n_pos))
+        elif not self.cells.fits(n_layer, n_pos):
+            raise ValueError(f"trajectory cells {self.cells} lie outside {n_layer}x{n_pos}")
         if len(self.tokens) != n_pos or len(self.layer_labels) != n_layer:
             raise ValueError(
                 f"trajectory has {n_layer}x{n_pos} cells but {len(self.layer_labels)} layer "
@@ -91,11 +100,10 @@ class Trajectory:
         return (*self.tokens[1:], None)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per (layer, position) cell, long-form; top-k as list columns."""
-        n_layer, n_pos = self.entropy.shape
+        """One row per computed (layer, position) cell, long-form; top-k as list columns."""
         records = []
-        for row in range(n_layer):
-            for pos in range(n_pos):
+        for row in self.cells.rows:
+            for pos in range(self.cells.start, self.cells.stop):
                 record: dict[str, Any] = {
                     "layer": row,
                     "layer_label": self.layer_labels[row],
@@ -174,57 +182,62 @@ class TrajectoryBuilder:
         model: The ``TransformerBridge``.
         lens: The lens whose rows are added.
         tokens: ``[1, pos]`` prompt tokens.
-        final_logits: The model's own logits at those positions.
+        final_logits: The model's own logits at every position.
         target: ``(text, id)`` of a target token, or None.
         top_k: Top tokens kept per cell.
+        cells: The rows and positions to compute (None: all).
     """
 
     def __init__(self, model: Any, lens: Lens, tokens: Int[Tensor, "1 pos"],
                  final_logits: Float[Tensor, "pos d_vocab"],
-                 target: tuple[str, int] | None, top_k: int) -> None:
+                 target: tuple[str, int] | None, top_k: int, cells: Cells | None = None) -> None:
         adapter = lens.adapter
         lens.check_model(model)
         if not 1 <= top_k <= adapter.d_vocab:
             raise LenskitError(f"top_k must be in 1..{adapter.d_vocab}, got {top_k}")
+        n_rows, n_pos = adapter.n_rows, tokens.shape[-1]
+        self.cells = cells or Cells.select(n_rows, n_pos)
         self.model, self.lens, self.tokens, self.target, self.top_k = (
             model, lens, tokens, target, top_k)
-        n_rows, n_pos = adapter.n_rows, tokens.shape[-1]
+        window = slice(self.cells.start, self.cells.stop)
         next_ids = torch.cat([tokens[0, 1:], tokens[0, -1:]])  # the last one is masked
-        self.ids = next_ids.unsqueeze(-1)
+        self.ids = next_ids[window].unsqueeze(-1)
         if target is not None:
             self.ids = torch.cat([self.ids, torch.full_like(self.ids, target[1])], dim=-1)
         nan = torch.full((n_rows, n_pos), math.nan)
         self.entropy, self.kl, self.ce, self.tprob = (nan.clone() for _ in range(4))
         self.trank = torch.full((n_rows, n_pos), -1, dtype=torch.long)
-        self.top_ids = torch.zeros((n_rows, n_pos, top_k), dtype=torch.long)
+        self.top_ids = torch.full((n_rows, n_pos, top_k), -1, dtype=torch.long)
         self.top_probs = nan.clone().unsqueeze(-1).repeat(1, 1, top_k)
         self.covered = torch.tensor([lens.covers(r) for r in range(n_rows)])
-        self.final_logits = final_logits
-        self.reference = Reference.from_logits(final_logits)
+        self.final_logits = final_logits[window]
+        self.reference = Reference.from_logits(self.final_logits)
 
     def lens_rows(self) -> list[int]:
-        """Covered rows read through the lens (every covered row but the model's output)."""
+        """Rows to read through the lens: covered, chosen, and not the model's output."""
         out = self.lens.adapter.n_layers
-        return [r for r in range(len(self.covered)) if self.covered[r] and r != out]
+        return [r for r in self.cells.rows if self.covered[r] and r != out]
 
     def add(self, row: int, logits: Float[Tensor, "pos d_vocab"]) -> None:
-        """Statistics of one row from its logits."""
+        """Statistics of one row from its logits at the chosen positions."""
         stats = row_stats(logits, self.reference, self.ids, top_k=self.top_k,
                           rank_columns=0 if self.target is None else 1)
-        self.entropy[row] = stats.entropy
-        self.kl[row] = stats.kl
-        self.ce[row] = -stats.id_log_probs[:, 0] / LN2
-        self.top_ids[row] = stats.top_ids
-        self.top_probs[row] = stats.top_probs
+        window = slice(self.cells.start, self.cells.stop)
+        self.entropy[row, window] = stats.entropy
+        self.kl[row, window] = stats.kl
+        self.ce[row, window] = -stats.id_log_probs[:, 0] / LN2
+        self.top_ids[row, window] = stats.top_ids
+        self.top_probs[row, window] = stats.top_probs
         if self.target is not None:
-            self.tprob[row] = stats.id_log_probs[:, 1].exp()
-            self.trank[row] = stats.id_ranks[:, 1]
+            self.tprob[row, window] = stats.id_log_probs[:, 1].exp()
+            self.trank[row, window] = stats.id_ranks[:, 1]
 
     def finish(self, prompt: str | Tensor) -> Trajectory:
-        """The trajectory; the model's output row is added here if the lens covers it."""
+        """The trajectory; the model's output row is added here if chosen and covered."""
         adapter = self.lens.adapter
-        if self.covered[adapter.n_layers]:
-            self.add(adapter.n_layers, self.final_logits)
+        out = adapter.n_layers
+        if self.covered[out] and out in self.cells.rows:
+            self.add(out, self.final_logits)
         self.ce[:, -1] = math.nan
         tokenizer = self.model.tokenizer
         top_tokens = tuple(
@@ -250,6 +263,7 @@ class TrajectoryBuilder:
             target_id=target_id,
             target_prob=self.tprob if target_id is not None else None,
             target_rank=self.trank if target_id is not None else None,
+            cells=self.cells,
         )
 
 
@@ -268,6 +282,8 @@ def trajectory(
     *,
     target: str | int | None = None,
     top_k: int = 10,
+    rows: Sequence[int] | None = None,
+    positions: tuple[int, int] | None = None,
 ) -> Trajectory:
     """Read a prompt's next-token prediction at every layer through a lens.
 
@@ -277,6 +293,9 @@ def trajectory(
         prompt: Text (tokenized with the model's BOS token) or token ids.
         target: A token (text or id) whose probability and rank to follow.
         top_k: How many top tokens to keep per cell.
+        rows: Compute only these rows (block inputs ``0..n_layers-1``, ``n_layers``
+            for the output); None for all. The others are NaN.
+        positions: Compute only positions ``start..stop-1``; None for all.
 
     Returns:
         The :class:`Trajectory`.
@@ -284,12 +303,13 @@ def trajectory(
     lens.check_model(model)  # before the forward pass
     resolved = None if target is None else resolve_target(model.tokenizer, target)
     tokens = prompt_tokens(model, prompt)
+    cells = Cells.select(lens.adapter.n_rows, tokens.shape[-1], rows, positions)
     cap = capture(model, tokens)
-    builder = TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k)
-    rows = cap.lens_rows()[:, 0]  # [layer, pos, d_model]
+    builder = TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k, cells)
+    hidden = cap.lens_rows()[:, 0, cells.start : cells.stop]  # [layer, pos, d_model]
     with torch.no_grad():
         # A few rows per readout, so each matmul streams W_U once for many cells.
-        for block in row_blocks(builder.lens_rows(), tokens.shape[-1], _CELLS_PER_READOUT):
-            for row, logits in zip(block, lens.read_rows(rows[block], block), strict=True):
+        for block in row_blocks(builder.lens_rows(), cells.n_pos, _CELLS_PER_READOUT):
+            for row, logits in zip(block, lens.read_rows(hidden[block], block), strict=True):
                 builder.add(row, logits)
     return builder.finish(prompt)

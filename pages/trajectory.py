@@ -4,6 +4,7 @@ import streamlit as st
 
 import app_state as S
 from lenskit import plotting
+from lenskit.plotting.style import select_rows
 
 st.title("Trajectory")
 
@@ -23,7 +24,10 @@ if statistic.startswith("target") and not target:
     st.error("The target statistics need a target token: type one above, e.g. ' Paris'.")
     st.stop()
 
-traj = S.guard(S.trajectory, kind, name, device, dtype, S.lens_path(kind), prompt, target, 10)
+# Only the shown cells are read: each costs one unembedding matmul.
+rows = tuple(S.guard(select_rows, adapter.n_rows, stride))
+traj = S.guard(S.trajectory, kind, name, device, dtype, S.lens_path(kind), prompt, target, 10,
+               rows, (first, last))
 fig = S.guard(
     plotting.trajectory_heatmap,
     traj,
@@ -31,6 +35,6 @@ fig = S.guard(
     layer_stride=stride,
     token_range=(first, last),
 )
-st.plotly_chart(fig, use_container_width=True)
+st.plotly_chart(fig, width="stretch")
 with st.expander("Numbers"):
     st.dataframe(traj.to_frame().drop(columns=["topk_tokens", "topk_probs"]))

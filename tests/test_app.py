@@ -1,8 +1,10 @@
 """Every app page under Streamlit's AppTest, with a tiny model and the real default model."""
 
+import base64
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import streamlit as st
 import torch
@@ -45,6 +47,29 @@ def test_trajectory_page_draws_a_heatmap():
     charts = at.get("plotly_chart")
     assert len(charts) == 1
     assert [t["type"] for t in json.loads(charts[0].proto.spec)["data"]] == ["heatmap"]
+
+
+def test_pages_read_only_the_shown_cells_and_follow_the_sliders(tmp_path, tiny_llama):
+    from lenskit.lenses.tuned import TunedLens
+
+    TunedLens.untrained(tiny_llama).save(tmp_path / "lens")
+    paths = {S.LENS_PATHS: {"tuned": str(tmp_path / "lens")}}
+    prompt = "Hello there, friend, how are you today?"
+    for page, kinds in (("pages/trajectory.py", 1), ("pages/compare.py", 2)):
+        at = _run(page, prompt=prompt, **paths)
+        n_tokens = at.slider[1].max
+        at.slider[0].set_value(2).run()  # layer stride: rows 0, 2 and the output (tiny: 5 rows)
+        at.slider[1].set_value((3, 9)).run()
+        assert not at.exception and not at.error, (page, at.exception, at.error)
+        spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+        heatmaps = [t for t in spec["data"] if t["type"] == "heatmap"]
+        assert len(heatmaps) >= kinds
+        for trace in heatmaps:
+            z = trace["z"]
+            values = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"])
+            assert z["shape"] == "3, 6" and np.isfinite(values).any()
+        at.slider[1].set_value((0, n_tokens)).run()
+        assert not at.exception and not at.error, (page, at.error)
 
 
 @pytest.mark.parametrize(

@@ -138,3 +138,14 @@ def test_corpus_and_output_paths_are_checked(tree):
     assert out_path(ok / "new") == (ok / "new").resolve()
     with pytest.raises(LenskitError, match="is a file"):
         out_path(ok / "sub" / "a.txt")
+
+
+def test_outputs_never_go_into_the_lenskit_package(monkeypatch):
+    import lenskit
+
+    package = Path(lenskit.__file__).resolve().parent
+    monkeypatch.setenv(DIRS_ENV, str(package.parent))  # e.g. the app started in the repo
+    assert out_path(package.parent / "lenses" / "mine") == package.parent / "lenses" / "mine"
+    for inside in (package, package / "assets" / "causal_basis" / "smollm2-135m"):
+        with pytest.raises(LenskitError, match="inside the lenskit package"):
+            out_path(inside)

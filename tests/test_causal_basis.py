@@ -29,6 +29,7 @@ from lenskit.errors import LenskitError
 from lenskit.evaluation import eval_chunks
 from lenskit.lenses.causal_basis import CausalBasisLens
 from lenskit.lenses.tuned import TunedLens
+from lenskit.progress import BasisProgress
 from lenskit.residual import capture
 
 SEQ = 32
@@ -400,3 +401,52 @@ def test_smollm2_first_direction_beats_random_directions(smollm2):
     model_inf = model_influence(smollm2, layer, directions, chunks.tokens, full_ref)
     assert float(lens_inf[0]) > 5 * float(lens_inf[1:].max())
     assert float(model_inf[0]) > float(model_inf[1:].max())
+
+
+class Halt(BaseException):
+    """Like the exception Streamlit raises in a script to rerun it: not an ``Exception``."""
+
+
+def test_basis_progress_fraction_and_eta():
+    p = BasisProgress("search", 2, 1, 2, 1, 4, 3, 50, 0.5, 10.0, 6.0)
+    assert p.directions_done == 5 and p.fraction == 5 / 8
+    assert p.eta_seconds == pytest.approx(6.0 / 5 * 3)
+    start = BasisProgress("capture", None, 0, 2, 0, 4, 0, 50, None, 1.0, 0.0)
+    assert start.fraction == 0 and math.isnan(start.eta_seconds)
+
+
+def test_progress_reports_every_iteration_and_a_stop_keeps_finished_layers(
+        tiny_llama, tuned, corpus_dir, tmp_path):
+    cfg = CausalBasisConfig(**{**SMALL, "k": 2, "model_influence": False})
+    seen: list[BasisProgress] = []
+    bases = extract_causal_basis(tiny_llama, tuned, [1, 2], cfg, str(corpus_dir),
+                                 progress=False, on_progress=seen.append)
+    assert seen[0].phase == "capture" and seen[0].layer is None
+    for li, layer in enumerate([1, 2]):
+        mine = [p for p in seen if p.layer == layer]
+        searched = [p for p in mine if p.phase == "search"]
+        per_direction = [0] * cfg.k  # iterations in the order the directions were found
+        for j, found in enumerate(bases[layer].found_at):
+            per_direction[found] = bases[layer].iterations[j]
+        assert [(p.direction, p.iteration) for p in searched] == [
+            (d, it) for d in range(cfg.k) for it in range(1, per_direction[d] + 1)]
+        assert [p.phase for p in mine if p.phase != "search"] == ["measure", "done"]
+        assert all(p.layers_done == li and p.n_layers == 2 and p.k == cfg.k
+                   and p.max_iter == cfg.max_iter for p in mine)
+        assert all(p.objective_bits is not None and p.objective_bits > 0 for p in searched)
+    assert len(seen) == 1 + sum(sum(b.iterations) + 2 for b in bases.values())
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert seen[-1].directions_done == 4 and seen[-1].eta_seconds == 0
+    assert [p.seconds for p in seen] == sorted(p.seconds for p in seen)
+    assert [p.search_seconds for p in seen] == sorted(p.search_seconds for p in seen)
+
+    def stop(p: BasisProgress) -> None:
+        if p.phase == "search" and p.layer == 2:
+            raise Halt
+
+    with pytest.raises(Halt):
+        extract_causal_basis(tiny_llama, tuned, [1, 2], cfg, str(corpus_dir), out=tmp_path,
+                             progress=False, on_progress=stop)
+    kept = load_bases(tmp_path)
+    assert sorted(kept) == [1] and torch.equal(kept[1].basis, bases[1].basis)

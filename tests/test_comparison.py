@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lenskit
+import lenskit.plotting
 from lenskit.comparison import LensDivergence, lens_divergence
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens
@@ -227,3 +228,86 @@ def test_compare_refuses_a_bad_pair(model: Any, logit: Lens, rotated: Lens):
         lenskit.comparison.compare(model, [logit, rotated], PROMPT, pair=(0, 0))
     with pytest.raises(LenskitError, match="no lenses"):
         lenskit.comparison.compare(model, [], PROMPT)
+
+
+# --- computing some cells only ------------------------------------------------------------
+
+ROWS = [0, 2, 3, 4]  # row 2 is the rotated lens's uncovered row; 4 is the output row
+POSITIONS = (3, 9)
+
+
+def _held(n_rows: int, n_pos: int) -> torch.Tensor:
+    mask = torch.zeros(n_rows, n_pos, dtype=torch.bool)
+    mask[ROWS, POSITIONS[0] : POSITIONS[1]] = True
+    return mask
+
+
+def test_some_cells_equal_those_cells_of_the_full_trajectory(model: Any, rotated: Lens):
+    full = lenskit.trajectory(model, rotated, PROMPT, target="t", top_k=3)
+    some = lenskit.trajectory(model, rotated, PROMPT, target="t", top_k=3, rows=ROWS,
+                              positions=POSITIONS)
+    assert full.n_layers == 5  # tiny-llama: 4 blocks and the output row
+    held = _held(full.n_layers, len(full.tokens))
+    assert some.cells.rows == tuple(ROWS) and (some.cells.start, some.cells.stop) == POSITIONS
+    for name in ("entropy", "kl_to_final", "cross_entropy", "target_prob"):
+        got, want = getattr(some, name), getattr(full, name)
+        torch.testing.assert_close(got[held], want[held], equal_nan=True)
+        assert got[~held].isnan().all()
+    assert torch.equal(some.target_rank[held], full.target_rank[held])
+    assert torch.equal(some.top_ids[held], full.top_ids[held])
+    frame = some.to_frame()
+    assert len(frame) == len(ROWS) * (POSITIONS[1] - POSITIONS[0])
+    assert set(frame["layer"]) == set(ROWS) and set(frame["pos"]) == set(range(*POSITIONS))
+    want_frame = full.to_frame().set_index(["layer", "pos"]).loc[
+        frame.set_index(["layer", "pos"]).index]
+    np.testing.assert_allclose(frame["entropy_bits"], want_frame["entropy_bits"], rtol=1e-5)
+
+
+def test_compare_of_some_cells_equals_the_full_compare_there(model: Any, logit: Lens,
+                                                             rotated: Lens):
+    full = lenskit.comparison.compare(model, [logit, rotated], PROMPT, top_k=3)
+    some = lenskit.comparison.compare(model, [logit, rotated], PROMPT, top_k=3, rows=ROWS,
+                                      positions=POSITIONS)
+    held = _held(full.trajectories[0].n_layers, len(full.trajectories[0].tokens))
+    for got, want in zip(some.trajectories, full.trajectories, strict=True):
+        torch.testing.assert_close(got.kl_to_final[held], want.kl_to_final[held],
+                                   equal_nan=True)
+        assert got.kl_to_final[~held].isnan().all()
+    for name in ("kl", "js", "tv"):
+        got, want = getattr(some.divergence, name), getattr(full.divergence, name)
+        torch.testing.assert_close(got[held], want[held], equal_nan=True)
+        assert got[~held].isnan().all()
+    alone = lens_divergence(model, logit, rotated, PROMPT, rows=ROWS, positions=POSITIONS)
+    torch.testing.assert_close(alone.kl, some.divergence.kl, equal_nan=True)
+    frame = some.divergence.to_frame()
+    assert len(frame) == len(ROWS) * (POSITIONS[1] - POSITIONS[0])
+    top = full.divergence.to_frame().set_index(["layer", "pos"])["top1_a"]
+    cells = zip(frame["layer"], frame["pos"], strict=True)
+    assert list(frame["top1_a"]) == [top[(r, p)] for r, p in cells]
+
+
+def test_plots_refuse_cells_that_were_not_computed(model: Any, logit: Lens, rotated: Lens):
+    some = lenskit.comparison.compare(model, [logit, rotated], PROMPT, rows=[0, 2, 4],
+                                      positions=POSITIONS)
+    traj = some.trajectories[0]
+    fig = lenskit.plotting.trajectory_heatmap(traj, layer_stride=2, token_range=POSITIONS)
+    assert fig.data[0].z.shape == (3, POSITIONS[1] - POSITIONS[0])
+    lenskit.plotting.compare_heatmaps(list(some.trajectories), layer_stride=2,
+                                      token_range=POSITIONS)
+    lenskit.plotting.divergence_heatmap(some.divergence, layer_stride=2, token_range=POSITIONS)
+    with pytest.raises(LenskitError, match=r"positions 3\.\.8 only"):
+        lenskit.plotting.trajectory_heatmap(traj, layer_stride=2)
+    with pytest.raises(LenskitError, match=r"rows \[0, 2, 4\]"):
+        lenskit.plotting.compare_heatmaps(list(some.trajectories), token_range=POSITIONS)
+    with pytest.raises(LenskitError, match="divergence holds"):
+        lenskit.plotting.divergence_heatmap(some.divergence, token_range=(0, 4))
+
+
+@pytest.mark.parametrize(
+    ("rows", "positions", "match"),
+    [([], None, "no rows"), ([7], None, "outside 0..4"),
+     (None, (4, 4), "select no positions"), (None, (0, 99), "select no positions")],
+)
+def test_bad_cells_are_refused(model: Any, logit: Lens, rows, positions, match):
+    with pytest.raises(LenskitError, match=match):
+        lenskit.trajectory(model, logit, PROMPT, rows=rows, positions=positions)

@@ -20,7 +20,8 @@ from lenskit.commands import eval as eval_cmd
 from lenskit.data import Corpus, TokenChunks
 from lenskit.errors import LenskitError
 from lenskit.eval_stats import COLUMNS, METRICS, PER_BYTE, ChunkMoments
-from lenskit.evaluation import eval_chunks, evaluate, layer_kl
+from lenskit.evaluation import eval_chunks, evaluate
+from lenskit.layer_kl import layer_kl
 from lenskit.lenses.jacobian import JLens
 from lenskit.lenses.tuned import TunedLens
 

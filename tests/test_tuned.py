@@ -15,8 +15,8 @@ import lenskit
 from lenskit import cli, training
 from lenskit.data import default_corpus, load_corpus, split_documents, tokenize_corpus
 from lenskit.errors import LenskitError
-from lenskit.evaluation import layer_kl
 from lenskit.fitting import fit_closed_form, normalized_target
+from lenskit.layer_kl import layer_kl
 from lenskit.lenses.tuned import TunedLens
 from lenskit.models import ModelAdapter
 from lenskit.residual import capture, tokenize

@@ -101,6 +101,17 @@ class Lens(torch.nn.Module, ABC):
                 "get_lens(kind, model) for this model"
             )
 
+    def translate_rows(
+        self, hidden: Float[Tensor, "layer pos d_model"], layers: Sequence[int]
+    ) -> Float[Tensor, "layer pos d_model"]:
+        """:meth:`transform_hidden` of several rows; ``hidden[i]`` is at ``layers[i]``."""
+        if len(layers) != hidden.shape[0]:
+            raise ValueError(f"{hidden.shape[0]} residual rows but {len(layers)} layers")
+        return torch.stack([
+            self.transform_hidden(h, self.check_layer(row))
+            for h, row in zip(hidden, layers, strict=True)
+        ])
+
     def read_rows(
         self, hidden: Float[Tensor, "layer pos d_model"], layers: Sequence[int]
     ) -> Float[Tensor, "layer pos d_vocab"]:
@@ -109,13 +120,7 @@ class Lens(torch.nn.Module, ABC):
         One matmul over all the rows streams the unembedding from memory once, which
         is what makes reading many rows fast.
         """
-        if len(layers) != hidden.shape[0]:
-            raise ValueError(f"{hidden.shape[0]} residual rows but {len(layers)} layers")
-        translated = torch.stack([
-            self.transform_hidden(h, self.check_layer(row))
-            for h, row in zip(hidden, layers, strict=True)
-        ])
-        return self.adapter.readout(translated)
+        return self.adapter.readout(self.translate_rows(hidden, layers))
 
     def extra_repr(self) -> str:
         """One line for ``repr``: kind, model and rows."""

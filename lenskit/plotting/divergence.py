@@ -53,6 +53,7 @@ def divergence_heatmap(
     values = div.measure(measure).double().numpy()
     rows = select_rows(div.n_layers, layer_stride)
     cols = select_positions(len(div.tokens), token_range)
+    div.cells.check_shown(rows, cols, "divergence")
     size = grid_size(len(rows), len(cols))
     shown = values[np.ix_(rows, cols)]
     text = [["" if math.isnan(v) else f"{v:.2f}" for v in row] for row in shown.tolist()]

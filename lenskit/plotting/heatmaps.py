@@ -178,6 +178,7 @@ def trajectory_heatmap(
     spec = STATISTICS[statistic]
     rows = select_rows(traj.n_layers, layer_stride)
     cols = select_positions(len(traj.tokens), token_range)
+    traj.cells.check_shown(rows, cols, "trajectory")
     size = grid_size(len(rows), len(cols))
     fig = go.Figure()  # add_trace validates the big arrays once; Figure(trace) copies them
     fig.add_trace(_trajectory_trace(traj, statistic, rows, cols, hover_k, size))
@@ -244,6 +245,8 @@ def compare_heatmaps(
     spec = STATISTICS[statistic]
     rows = select_rows(first.n_layers, layer_stride)
     cols = select_positions(len(first.tokens), token_range)
+    for traj in trajs:
+        traj.cells.check_shown(rows, cols, f"{traj.lens_kind} trajectory")
     size = grid_size(len(rows), len(cols), panels=len(trajs))
     fig = make_subplots(
         rows=1, cols=len(trajs), shared_yaxes=True, horizontal_spacing=0.03,
