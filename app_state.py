@@ -25,6 +25,7 @@ T = TypeVar("T")
 # Session-state keys.
 MODEL = "lenskit_model"
 PROMPT = "lenskit_prompt"
+_PROMPT_BOX = "lenskit_prompt_box"  # the text box's widget key (see prompt_box)
 DEVICE = "lenskit_device"
 DTYPE = "lenskit_dtype"
 LENS_PATHS = "lenskit_lens_paths"  # {kind: path} chosen by the user
@@ -192,6 +193,23 @@ def ready_lenses(name: str, device: str, dtype: str) -> list[str]:
     return [k for k, v in lens_status(name, device, dtype).items() if v == "ready"]
 
 
+def _keep_prompt() -> None:
+    st.session_state[PROMPT] = st.session_state[_PROMPT_BOX]
+
+
+def prompt_box(height: int) -> str:
+    """The prompt's text box, shared by every page: an edit is kept for the whole session.
+
+    The box is bound to a widget key that is filled from the session's prompt before it is
+    drawn, and an edit is copied back before the page reruns, so no edit is ever lost
+    (a box whose ``value=`` changes between runs would be a new widget and drop the
+    next edit).
+    """
+    init_state()
+    st.session_state[_PROMPT_BOX] = st.session_state[PROMPT]
+    return st.text_area("Prompt", key=_PROMPT_BOX, height=height, on_change=_keep_prompt)
+
+
 def prompt_section() -> tuple[tuple[str, str, str], Any, str, int]:
     """The shared top of a page: the session's model and an editable prompt, checked.
 
@@ -200,8 +218,7 @@ def prompt_section() -> tuple[tuple[str, str, str], Any, str, int]:
     """
     key = model_key()
     model = guard(load_model, *key)
-    prompt = st.text_area("Prompt", value=st.session_state[PROMPT], height=80)
-    st.session_state[PROMPT] = prompt
+    prompt = prompt_box(height=80)
     n_tokens = guard(count_tokens, model, prompt)
     return key, model, prompt, n_tokens
 

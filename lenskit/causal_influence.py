@@ -35,6 +35,7 @@ from lenskit.errors import LenskitError
 from lenskit.layer_kl import kl_nats
 from lenskit.lenses.base import Lens
 from lenskit.metrics import LN2, Reference
+from lenskit.models import model_lock
 
 __all__ = [
     "ABLATIONS",
@@ -321,8 +322,11 @@ def model_influence(
         for b, start in enumerate(starts):
             batch = tokens[start:start + batch_size]
             ref = reference[start:start + batch_size, skip_first:]
-            base = clean[b] if clean is not None else Reference.from_logits(
-                model(batch)[:, skip_first:].flatten(0, 1))
+            if clean is not None:
+                base = clean[b]
+            else:
+                with model_lock(model):
+                    base = Reference.from_logits(model(batch)[:, skip_first:].flatten(0, 1))
             for i, v in enumerate(directions):
 
                 def ablate_hook(act: Tensor, hook: Any, v: Tensor = v, ref: Tensor = ref) -> Tensor:
@@ -330,7 +334,7 @@ def model_influence(
                     out[:, skip_first:] = ablate(act[:, skip_first:], v.to(act), ref.to(act))
                     return out
 
-                with model.hooks(fwd_hooks=[(name, ablate_hook)]):
+                with model_lock(model), model.hooks(fwd_hooks=[(name, ablate_hook)]):
                     logits = model(batch)
                 sums[i] += kl_nats(base, logits[:, skip_first:].flatten(0, 1)).double().sum()
                 bar.update(1)

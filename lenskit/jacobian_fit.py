@@ -34,7 +34,7 @@ from lenskit.errors import LenskitError
 from lenskit.fitting import deferred_interrupt
 from lenskit.io import atomic_open
 from lenskit.lenses.jacobian import JLens, lenskit_metadata, resolve_path
-from lenskit.models import ModelAdapter
+from lenskit.models import ModelAdapter, model_lock
 
 if TYPE_CHECKING:
     from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
@@ -260,9 +260,10 @@ def _fit_one(model: Any, prompt: str, index: int, *, corpus: str, dim_batch: int
     from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
 
     try:
-        return TLJacobianLens.fit(model, [prompt], corpus=corpus, dim_batch=dim_batch,
-                                  max_seq_len=seq_len, skip_first_positions=skip,
-                                  show_progress=False, metadata={"lenskit": info})
+        with model_lock(model):  # its hooks go on the model object, shared between threads
+            return TLJacobianLens.fit(model, [prompt], corpus=corpus, dim_batch=dim_batch,
+                                      max_seq_len=seq_len, skip_first_positions=skip,
+                                      show_progress=False, metadata={"lenskit": info})
     except (TypeError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise LenskitError(f"TransformerLens could not fit prompt {index} ({first}): "

@@ -20,6 +20,8 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,27 @@ __all__ = [
     "ModelAdapter",
     "embedded_model_dir",
     "load_model",
+    "model_lock",
     "model_names",
 ]
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.RLock:
+    """The lock that every forward pass lenskit runs on ``model`` holds.
+
+    Hooks are added to the model object itself, so two threads running the same model
+    at once (two sessions of the app) would each see the other's activations; holding
+    this lock around every hooked or plain forward pass keeps them apart.
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"

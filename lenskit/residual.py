@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lenskit.errors import LenskitError
+from lenskit.models import model_lock
 
 __all__ = [
     "POINTS",
@@ -151,7 +152,8 @@ def capture(
     wanted = {name for point in points for name in hook_names(n_layers, point)} | {final_name}
     output = None
     hooks = [(n, saver(n)) for n in sorted(wanted)]
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks), contextlib.suppress(_FinalResidualReached):
+    with (model_lock(model), torch.no_grad(), model.hooks(fwd_hooks=hooks),
+          contextlib.suppress(_FinalResidualReached)):
         output = model(tokens).detach()
     stacks = {
         point: torch.stack([store[name] for name in hook_names(n_layers, point)])

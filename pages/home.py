@@ -29,9 +29,7 @@ else:
     if other.strip():
         st.session_state[S.MODEL] = other.strip()
 
-st.session_state[S.PROMPT] = st.text_area(
-    "Prompt", value=st.session_state[S.PROMPT], height=100, key="home_prompt"
-)
+S.prompt_box(height=100)
 
 name, device, dtype = S.model_key()
 model = S.guard(S.load_model, name, device, dtype)

@@ -36,5 +36,8 @@ fig = S.guard(
     token_range=(first, last),
 )
 st.plotly_chart(fig, width="stretch")
-with st.expander("Numbers"):
+# Built only when asked for: the table of every shown cell costs the browser more than
+# the heatmap does.
+if st.toggle("Show the numbers", help="Every shown cell: top-1 token and probability, "
+             "entropy, KL to the output and next-token cross-entropy, in bits."):
     st.dataframe(traj.to_frame().drop(columns=["topk_tokens", "topk_probs"]))

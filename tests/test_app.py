@@ -42,11 +42,16 @@ def test_home_lists_lenses():
     assert "**logit** — ready" in text and "tiny-llama" in text
 
 
-def test_trajectory_page_draws_a_heatmap():
+def test_trajectory_page_draws_a_heatmap_and_the_numbers_on_request():
     at = _run("pages/trajectory.py")
     charts = at.get("plotly_chart")
     assert len(charts) == 1
     assert [t["type"] for t in json.loads(charts[0].proto.spec)["data"]] == ["heatmap"]
+    assert not at.dataframe
+    at.toggle[0].set_value(True).run()
+    frame = at.dataframe[0].value
+    n_rows = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["z"]["shape"]
+    assert len(frame) == int(n_rows.split(",")[0]) * int(n_rows.split(",")[1])
 
 
 def test_pages_read_only_the_shown_cells_and_follow_the_sliders(tmp_path, tiny_llama):

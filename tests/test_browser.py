@@ -76,5 +76,12 @@ def test_type_a_prompt_and_see_the_heatmap(app_url):
             page.screenshot(path=str(ARTIFACTS / "app-trajectory.png"), full_page=True)
             assert page.locator(".js-plotly-plot .heatmaplayer, .js-plotly-plot .hm").count() > 0
             assert "Eiffel" in page.content()
+            # Every later edit of the prompt redraws the heatmap too (none is dropped).
+            for word in ("Rome", "Madrid", "Lisbon"):
+                box = page.get_by_label("Prompt")
+                box.fill(f"The city we visited last year was {word}, and")
+                page.locator("h1").first.click()  # leaving the box applies the edit
+                page.locator(".js-plotly-plot .xtick text", has_text=word).first.wait_for(
+                    timeout=120_000)
         finally:
             browser.close()

@@ -65,3 +65,29 @@ def test_tokenize_checks(tiny_llama):
         tokenize(tiny_llama, "a" * 200)
     assert tokenize(tiny_llama, [5, 6, 7]).shape == (1, 3)
     assert tokenize(tiny_llama, "ab")[0, 0].item() == tiny_llama.tokenizer.bos_token_id
+
+
+def test_threads_sharing_a_model_each_get_their_own_activations(tiny_llama):
+    """Two app sessions share one model object: their hooked passes must not mix."""
+    import threading
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 200, (1, n), generator=gen) for n in (5, 9, 13, 17)]
+    want = [capture(tiny_llama, t).lens_rows() for t in prompts]
+    barrier, errors = threading.Barrier(len(prompts)), []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(15):
+                got = capture(tiny_llama, prompts[i]).lens_rows()
+                torch.testing.assert_close(got, want[i])
+        except Exception as err:  # reported below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
