@@ -166,8 +166,8 @@ class _DivergenceCells:
         first = self.cells.start
         for start in range(0, logits_a.shape[0], _CELLS_PER_PASS):
             part = slice(start, start + _CELLS_PER_PASS)
-            at = slice(first + start, first + min(start + _CELLS_PER_PASS, logits_a.shape[0]))
             kl_ab, js_ab, tv_ab = divergences(logits_a[part], logits_b[part])
+            at = slice(first + start, first + start + len(kl_ab))  # the same cells in the grid
             self.kl[row, at] = kl_ab.clamp_min(0.0).float()
             self.js[row, at] = js_ab.clamp_min(0.0).float()
             self.tv[row, at] = tv_ab.float()
@@ -308,7 +308,7 @@ def compare(
     tokens = prompt_tokens(model, prompt)
     adapter = lenses[0].adapter
     n_pos, out = tokens.shape[-1], adapter.n_layers
-    chosen = Cells.select(out + 1, n_pos, rows, positions)
+    chosen = Cells.select(adapter.n_rows, n_pos, rows, positions)
     cap = capture(model, tokens)
     hidden = cap.lens_rows()[:, 0, chosen.start : chosen.stop]  # [layer, pos, d_model]
     builders = [TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k, chosen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import write_corpus
 
 import lenskit
 
@@ -20,6 +21,12 @@ def tiny_gpt2():
 @pytest.fixture(scope="session", params=["tiny-llama", "tiny-gpt2"])
 def tiny_model(request, tiny_llama, tiny_gpt2):
     return {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}[request.param]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """A small corpus folder (see :func:`helpers.write_corpus`); tests only read it."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import streamlit as st
 import torch
+from helpers import write_corpus
 from streamlit.testing.v1 import AppTest
 
 import app_state as S
 from app_paths import DIRS_ENV
-from lenskit.data import default_corpus
 from lenskit.training import CHECKPOINT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,10 +126,7 @@ TINY_TRAIN = {"Tokens per sequence": 32, "Tokens per step": 64, "Fine-tuning tok
 def workdir(tmp_path, monkeypatch):
     """The only folder the app may use, holding a few kilobytes of Shakespeare."""
     monkeypatch.setenv(DIRS_ENV, str(tmp_path))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, doc in enumerate(default_corpus().documents[:6]):
-        (corpus / f"{i}.txt").write_text(doc[2000:6000], encoding="utf-8")
+    write_corpus(tmp_path / "corpus")
     return tmp_path.resolve()
 
 

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import streamlit as st
+from helpers import write_corpus
 from streamlit.testing.v1 import AppTest
 
 import app_state as S
 from app_paths import DIRS_ENV, saved_lenses
 from lenskit.causal_basis import INDEX_FILE, layer_file, read_index
 from lenskit.causal_extraction import CausalBasisConfig, extract_causal_basis
-from lenskit.data import default_corpus
 from lenskit.lenses import get_lens
 from lenskit.lenses.tuned import TunedLens
 
@@ -26,10 +26,7 @@ TINY = {"Directions (k)": 2, "Tokens per sequence": 32, "Training tokens": 128,
 def workdir(tmp_path, monkeypatch, tiny_llama):
     """The only folder the app may use: a little Shakespeare and a tuned lens of tiny-llama."""
     monkeypatch.setenv(DIRS_ENV, str(tmp_path))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, doc in enumerate(default_corpus().documents[:6]):
-        (corpus / f"{i}.txt").write_text(doc[2000:6000], encoding="utf-8")
+    write_corpus(tmp_path / "corpus")
     TunedLens.untrained(tiny_llama).save(tmp_path / "tuned")
     return tmp_path.resolve()
 

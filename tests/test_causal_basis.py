@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomised
 
 import lenskit
 from lenskit import cli, plotting
@@ -37,27 +38,10 @@ SMALL = dict(k=3, tokens=128, eval_tokens=64, seq_len=SEQ, max_iter=15, tol=1e-3
 KIND = "tuned-with-causal-basis"
 
 
-def randomised(model, scale: float = 0.1, seed: int = 0) -> TunedLens:
-    lens = TunedLens.untrained(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lens.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return lens.eval()
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(default_corpus().documents[:6]):
-        (folder / f"{i}.txt").write_text(doc[2000:6000], encoding="utf-8")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tuned(tiny_llama, tmp_path_factory) -> TunedLens:
     folder = tmp_path_factory.mktemp("tuned")
-    randomised(tiny_llama).save(folder)
+    randomised(tiny_llama, scale=0.1).save(folder)
     return lenskit.get_lens("tuned", tiny_llama, path=str(folder))
 
 
@@ -145,7 +129,7 @@ def test_model_influence_equals_a_plain_pre_hook_reference(basis, tiny_llama, co
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_fast_objective_equals_the_exact_one(tiny_model, ablation):
-    lens = randomised(tiny_model)
+    lens = randomised(tiny_model, scale=0.1)
     tokens = torch.randint(0, 256, (3, SEQ), generator=torch.Generator().manual_seed(1))
     h = capture(tiny_model, tokens).stack()[1][:, 1:].flatten(0, 1)
     ref = ablation_reference(h, ablation, h.mean(0), seed=0)
@@ -371,7 +355,7 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, tuned, extra, message):
 def test_cli_refuses_a_lens_for_another_model_and_a_folder_of_another(capsys, tmp_path,
                                                                       tiny_gpt2, basis_dir):
     other = tmp_path / "gpt2-tuned"
-    randomised(tiny_gpt2).save(other)
+    randomised(tiny_gpt2, scale=0.1).save(other)
     base = ["--model", "tiny-llama", "--layer", "1", "--tokens", "64", "--seq-len", str(SEQ),
             "--quiet"]
     assert "trained for a model with 3 layers" in _error(

@@ -18,7 +18,6 @@ from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
 import lenskit
 from lenskit import cli, jacobian_fit
 from lenskit.commands.trajectory import format_table
-from lenskit.data import default_corpus
 from lenskit.errors import LenskitError
 from lenskit.jacobian_fit import PROGRESS_KEY, fit_jacobian_lens, partial_path
 from lenskit.lenses.jacobian import JLens, shipped_jlens_path
@@ -39,14 +38,6 @@ def fitted(tiny_llama, tmp_path_factory) -> JLens:
     out = tmp_path_factory.mktemp("fit") / "lens.pt"
     return fit_jacobian_lens(tiny_llama, PROMPTS, n_prompts=2, seq_len=SEQ, out=out,
                              progress=False, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(default_corpus().documents[:3]):
-        (folder / f"{i}.txt").write_text(doc[2000:5000], encoding="utf-8")
-    return folder
 
 
 def rows_of(model, prompt: str = PROMPT) -> torch.Tensor:

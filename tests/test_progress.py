@@ -1,12 +1,10 @@
 """Progress callbacks: what training and evaluation report, and stopping a run from one."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from lenskit.data import default_corpus
 from lenskit.evaluation import evaluate
 from lenskit.lenses.logit import LogitLens
 from lenskit.models import ModelAdapter
@@ -21,14 +19,6 @@ class Halt(BaseException):
     """Like the exception Streamlit raises in a script to rerun it: not an ``Exception``."""
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(default_corpus().documents[:6]):
-        (folder / f"{i}.txt").write_text(doc[2000:6000], encoding="utf-8")
-    return folder
-
-
 def test_progress_fraction_and_eta():
     p = Progress("fine-tune", 100, 400, 50.0, 2.0, 1.5)
     assert p.fraction == 0.25 and p.eta_seconds == pytest.approx(6.0)
@@ -36,8 +26,8 @@ def test_progress_fraction_and_eta():
     assert Progress("evaluate", 5, 0, 1.0, 1.0).fraction == 1.0
 
 
-def test_training_reports_every_batch_and_step(tiny_llama, corpus, tmp_path):
-    config = TrainConfig(**SMALL, data=str(corpus))
+def test_training_reports_every_batch_and_step(tiny_llama, corpus_dir, tmp_path):
+    config = TrainConfig(**SMALL, data=str(corpus_dir))
     seen: list[Progress] = []
     train_tuned_lens(tiny_llama, config, tmp_path, progress=False, on_progress=seen.append)
     closed = [p for p in seen if p.phase == "closed-form"]
@@ -52,17 +42,17 @@ def test_training_reports_every_batch_and_step(tiny_llama, corpus, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def whole(tiny_llama, corpus, tmp_path_factory):
+def whole(tiny_llama, corpus_dir, tmp_path_factory):
     """The lens of an uninterrupted run."""
-    config = TrainConfig(**SMALL, data=str(corpus))
+    config = TrainConfig(**SMALL, data=str(corpus_dir))
     return train_tuned_lens(tiny_llama, config, tmp_path_factory.mktemp("whole"),
                             progress=False).lens
 
 
 @pytest.mark.parametrize(("phase", "call"), [("fine-tune", 2), ("closed-form", 3)])
 def test_a_stop_from_the_callback_keeps_a_checkpoint_and_resume_matches(
-        tiny_llama, corpus, tmp_path, whole, phase, call):
-    config = TrainConfig(**SMALL, data=str(corpus))
+        tiny_llama, corpus_dir, tmp_path, whole, phase, call):
+    config = TrainConfig(**SMALL, data=str(corpus_dir))
     calls = []
 
     def stop(p: Progress) -> None:
@@ -82,13 +72,13 @@ def test_a_stop_from_the_callback_keeps_a_checkpoint_and_resume_matches(
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
-def test_evaluation_reports_tokens_read(tiny_llama, corpus):
+def test_evaluation_reports_tokens_read(tiny_llama, corpus_dir):
     seen: list[Progress] = []
     lens = LogitLens(ModelAdapter(tiny_llama))
-    result = evaluate(tiny_llama, [lens], str(corpus), tokens=320, seq_len=32, batch_size=4,
+    result = evaluate(tiny_llama, [lens], str(corpus_dir), tokens=320, seq_len=32, batch_size=4,
                       progress=False, on_progress=seen.append)
     assert [p.done for p in seen] == [128, 256, 320]
     assert {p.total for p in seen} == {result.tokens} and {p.phase for p in seen} == {"evaluate"}
     with pytest.raises(Halt):
-        evaluate(tiny_llama, [lens], str(corpus), tokens=320, seq_len=32, progress=False,
+        evaluate(tiny_llama, [lens], str(corpus_dir), tokens=320, seq_len=32, progress=False,
                  on_progress=lambda p: (_ for _ in ()).throw(Halt))

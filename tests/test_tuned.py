@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomised
 
 import lenskit
 from lenskit import cli, training
-from lenskit.data import default_corpus, load_corpus, split_documents, tokenize_corpus
+from lenskit.data import load_corpus, split_documents, tokenize_corpus
 from lenskit.errors import LenskitError
 from lenskit.fitting import fit_closed_form, normalized_target
 from lenskit.layer_kl import layer_kl
@@ -27,26 +28,8 @@ SMALL = dict(model="tiny-llama", tokens=256, seq_len=32, tokens_per_step=64, lst
              eval_tokens=256, val_tokens=64, checkpoint_every=0)
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    """A few kilobytes of six plays: enough for tiny models, quick to tokenize."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(default_corpus().documents[:6]):
-        (folder / f"{i}.txt").write_text(doc[2000:6000], encoding="utf-8")
-    return folder
-
-
 def small(corpus_dir: Path, **changes) -> TrainConfig:
     return TrainConfig(**{**SMALL, "data": str(corpus_dir), **changes})
-
-
-def randomised(model, scale: float = 0.05, seed: int = 0) -> TunedLens:
-    lens = TunedLens.untrained(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lens.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return lens
 
 
 def params(lens: TunedLens) -> dict[str, torch.Tensor]:
