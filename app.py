@@ -1,12 +1,12 @@
 """lenskit's Streamlit app: ``streamlit run app.py``.
 
 This file only sets the page up and routes to the pages in ``pages/``; every page
-wires widgets to library calls through ``app_state``.
+wires widgets to library calls through ``lenskit_app.state``.
 """
 
 import streamlit as st
 
-import app_state as S
+import lenskit_app.state as S
 
 st.set_page_config(page_title="lenskit", page_icon="🔎", layout="wide")
 S.init_state()

@@ -34,7 +34,7 @@ def _prompt(model: object, seed: int) -> str:
     from lenskit.residual import tokenize
 
     text = max(default_corpus().documents, key=len)
-    ids = model.tokenizer(text[: 20000], add_special_tokens=False)["input_ids"]
+    ids = model.tokenizer(text[:20000], add_special_tokens=False)["input_ids"]
     start = (97 * seed) % (len(ids) - 2 * PROMPT_TOKENS)
     for n in range(PROMPT_TOKENS - 1, PROMPT_TOKENS + 8):
         prompt = model.tokenizer.decode(ids[start : start + n])
@@ -57,7 +57,7 @@ def _time_page(page: str, warm_prompt: str, prompt: str) -> tuple[float, float]:
     """
     from streamlit.testing.v1 import AppTest
 
-    import app_state as S
+    import lenskit_app.state as S
 
     at = AppTest.from_file(str(ROOT / page), default_timeout=600)
     at.session_state[S.MODEL] = "smollm2-135m"
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    import app_state as S
+    import lenskit_app.state as S
 
     model = S.load_model("smollm2-135m", "cpu", "float32")  # warm: st.cache_resource
     _time_page("pages/trajectory.py", _prompt(model, 99), _prompt(model, 97))  # load lenses
@@ -98,10 +98,14 @@ def main() -> None:
     }
     results: dict[str, object] = {"prompt_tokens": PROMPT_TOKENS}
     for i, (name, page) in enumerate(pages.items()):
-        runs = [_time_page(page, _prompt(model, 50 + 10 * i + r), _prompt(model, 10 * i + r))
-                for r in range(args.repeats)]
-        for view, times in (("as opened", [o for o, _ in runs]),
-                            ("every layer, all 64 tokens", [w for _, w in runs])):
+        runs = [
+            _time_page(page, _prompt(model, 50 + 10 * i + r), _prompt(model, 10 * i + r))
+            for r in range(args.repeats)
+        ]
+        for view, times in (
+            ("as opened", [o for o, _ in runs]),
+            ("every layer, all 64 tokens", [w for _, w in runs]),
+        ):
             key = f"{name}, {view}"
             results[key] = {"seconds": times, "median_s": statistics.median(times)}
             print(f"{key:58s} median {statistics.median(times):.2f} s  {times}")

@@ -51,9 +51,22 @@ def _serve() -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     for _ in range(240):
         try:
@@ -85,15 +98,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    pages = {"trajectory": "Trajectory page (logit lens, as it opens)",
-             "compare": "Compare page (default lenses, as it opens)"}
+    pages = {
+        "trajectory": "Trajectory page (logit lens, as it opens)",
+        "compare": "Compare page (default lenses, as it opens)",
+    }
     prompts = _prompts(len(pages) * (args.repeats + 1), first_seed=700)
     proc, url = _serve()
     results: dict[str, object] = {"prompt_tokens": 64, "browser": "headless Chromium, same machine"}
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--no-sandbox", "--disable-gpu"])
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url, timeout=240_000)
             page.get_by_text("ready", exact=False).first.wait_for(timeout=240_000)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import lenskit
-from lenskit.causal_extraction import CausalBasisConfig, extract_causal_basis
+from lenskit.causal.extraction import CausalBasisConfig, extract_causal_basis
 from lenskit.io import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
@@ -48,31 +48,56 @@ def main() -> None:
         basis = extract_causal_basis(model, lens, args.layer, config, progress=False)[args.layer]
         wall = time.perf_counter() - tic
         s = basis.settings
-        runs.append({
-            "wall_s": wall, **{f"{k}_s": v for k, v in s["seconds"].items()},
-            "objective_calls": s["objective_calls"], "objective_path": s["objective_path"],
-            "iterations": list(basis.iterations), "converged": list(basis.converged),
-            "lens_influence_bits": basis.lens_influence.tolist(),
-            "model_influence_bits": basis.model_influence.tolist(),
-            "spearman": basis.spearman, "train_tokens": s["train_tokens"],
-            "eval_tokens": s["eval_tokens"], "load_average_before": list(load_before),
-            "load_average_after": list(os.getloadavg()),
-        })
-        print(f"run {len(runs)}: {wall:.0f} s ({s['seconds']['extract']:.0f} s for {args.k} "
-              f"directions, {s['objective_calls']} objective calls), Spearman "
-              f"{basis.spearman:.3f}, load {load_before[0]:.1f}", flush=True)
+        runs.append(
+            {
+                "wall_s": wall,
+                **{f"{k}_s": v for k, v in s["seconds"].items()},
+                "objective_calls": s["objective_calls"],
+                "objective_path": s["objective_path"],
+                "iterations": list(basis.iterations),
+                "converged": list(basis.converged),
+                "lens_influence_bits": basis.lens_influence.tolist(),
+                "model_influence_bits": basis.model_influence.tolist(),
+                "spearman": basis.spearman,
+                "train_tokens": s["train_tokens"],
+                "eval_tokens": s["eval_tokens"],
+                "load_average_before": list(load_before),
+                "load_average_after": list(os.getloadavg()),
+            }
+        )
+        print(
+            f"run {len(runs)}: {wall:.0f} s ({s['seconds']['extract']:.0f} s for {args.k} "
+            f"directions, {s['objective_calls']} objective calls), Spearman "
+            f"{basis.spearman:.3f}, load {load_before[0]:.1f}",
+            flush=True,
+        )
 
     def median(key: str) -> float:
         return statistics.median(run[key] for run in runs)
 
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__},
-        "model": "smollm2-135m", "lens": "tuned (shipped)", "layer": args.layer, "k": args.k,
-        "config": config.to_dict(), "repeats": args.repeats,
-        "median_s": {key: median(key) for key in
-                     ("wall_s", "capture_all_layers_s", "extract_s", "lens_influence_s",
-                      "model_influence_s")},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "model": "smollm2-135m",
+        "lens": "tuned (shipped)",
+        "layer": args.layer,
+        "k": args.k,
+        "config": config.to_dict(),
+        "repeats": args.repeats,
+        "median_s": {
+            key: median(key)
+            for key in (
+                "wall_s",
+                "capture_all_layers_s",
+                "extract_s",
+                "lens_influence_s",
+                "model_influence_s",
+            )
+        },
         "runs": runs,
     }
     atomic_write_json(args.out, result)

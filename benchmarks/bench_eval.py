@@ -98,8 +98,14 @@ def main() -> None:
     ours, plain = [], []
     for _ in range(args.repeats):
         tic = time.perf_counter()
-        result = evaluate(model, lenses, chunks, tokens=chunks.n_tokens,
-                          batch_size=args.batch_size, progress=False)
+        result = evaluate(
+            model,
+            lenses,
+            chunks,
+            tokens=chunks.n_tokens,
+            batch_size=args.batch_size,
+            progress=False,
+        )
         ours.append(time.perf_counter() - tic)
         tic = time.perf_counter()
         ref = plain_transformer_lens(model, lenses["tuned"], chunks.tokens, args.batch_size)
@@ -108,32 +114,46 @@ def main() -> None:
     mine = torch.tensor(frame.kl_bits.to_numpy()).view(2, -1)
     n = chunks.n_tokens
     out = {
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "load_average_1_5_15_min_before": [round(x, 2) for x in load_before],
-                    "load_average_1_5_15_min_after": [round(x, 2) for x in os.getloadavg()]},
-        "model": result.model, "tuned_lens": args.tuned, "source": result.source,
-        "tokens": n, "seq_len": chunks.seq_len, "batch_size": args.batch_size,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average_1_5_15_min_before": [round(x, 2) for x in load_before],
+            "load_average_1_5_15_min_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "model": result.model,
+        "tuned_lens": args.tuned,
+        "source": result.source,
+        "tokens": n,
+        "seq_len": chunks.seq_len,
+        "batch_size": args.batch_size,
         "rows_per_token": 2 * model.cfg.n_layers,
-        "lenskit_stats_dtype": str(STATS_DTYPE), "plain_stats_dtype": "torch.float32",
-        "lenskit_evaluate_s": ours, "plain_transformer_lens_s": plain,
-        "lenskit_median_s": statistics.median(ours), "plain_median_s": statistics.median(plain),
+        "lenskit_stats_dtype": str(STATS_DTYPE),
+        "plain_stats_dtype": "torch.float32",
+        "lenskit_evaluate_s": ours,
+        "plain_transformer_lens_s": plain,
+        "lenskit_median_s": statistics.median(ours),
+        "plain_median_s": statistics.median(plain),
         "lenskit_tokens_per_s": n / statistics.median(ours),
         "plain_tokens_per_s": n / statistics.median(plain),
         "projected_1m_tokens_lenskit_h": 1e6 * statistics.median(ours) / n / 3600,
         "max_abs_kl_difference_bits": (mine - ref[:, :, 0]).abs().max().item(),
         "max_abs_difference_any_metric": max(
             (torch.tensor(frame[c].to_numpy()).view(2, -1) - ref[:, :, m]).abs().max().item()
-            for m, c in enumerate(("kl_bits", "ce_bits", "entropy_bits", "top1_agree"))),
+            for m, c in enumerate(("kl_bits", "ce_bits", "entropy_bits", "top1_agree"))
+        ),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{n} tokens x 2 lenses x {model.cfg.n_layers} layers: lenskit evaluate "
-          f"{out['lenskit_tokens_per_s']:.0f} tokens/s ({out['lenskit_median_s']:.1f} s), plain "
-          f"TransformerLens loop {out['plain_tokens_per_s']:.0f} tokens/s "
-          f"({out['plain_median_s']:.1f} s); max |KL difference| "
-          f"{out['max_abs_kl_difference_bits']:.2e} bits; 1M tokens at lenskit's rate: "
-          f"{out['projected_1m_tokens_lenskit_h']:.1f} h; wrote {args.out}")
+    print(
+        f"{n} tokens x 2 lenses x {model.cfg.n_layers} layers: lenskit evaluate "
+        f"{out['lenskit_tokens_per_s']:.0f} tokens/s ({out['lenskit_median_s']:.1f} s), plain "
+        f"TransformerLens loop {out['plain_tokens_per_s']:.0f} tokens/s "
+        f"({out['plain_median_s']:.1f} s); max |KL difference| "
+        f"{out['max_abs_kl_difference_bits']:.2e} bits; 1M tokens at lenskit's rate: "
+        f"{out['projected_1m_tokens_lenskit_h']:.1f} h; wrote {args.out}"
+    )
 
 
 if __name__ == "__main__":

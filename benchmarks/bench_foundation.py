@@ -154,12 +154,16 @@ def main() -> None:
     (HERE / "results" / "foundation.json").write_text(json.dumps(result, indent=2) + "\n")
     load, traj = result["load"], result["trajectory"]
     print(f"cold load (GGUF -> safetensors): {load['cold_load_median_s']:.1f} s")
-    print(f"warm load (cached safetensors):  {load['warm_load_median_s']:.2f} s "
-          f"(after {load['import_median_s']:.2f} s of imports: torch, TransformerLens)")
-    print(f"trajectory, {traj['prompt_tokens']} tokens x {traj['rows']} rows: "
-          f"lenskit {traj['lenskit_median_s']:.2f} s, "
-          f"plain TransformerLens loop {traj['plain_median_s']:.2f} s, "
-          f"unembedding alone {traj['readout_only_median_s']:.2f} s")
+    print(
+        f"warm load (cached safetensors):  {load['warm_load_median_s']:.2f} s "
+        f"(after {load['import_median_s']:.2f} s of imports: torch, TransformerLens)"
+    )
+    print(
+        f"trajectory, {traj['prompt_tokens']} tokens x {traj['rows']} rows: "
+        f"lenskit {traj['lenskit_median_s']:.2f} s, "
+        f"plain TransformerLens loop {traj['plain_median_s']:.2f} s, "
+        f"unembedding alone {traj['readout_only_median_s']:.2f} s"
+    )
 
 
 if __name__ == "__main__":

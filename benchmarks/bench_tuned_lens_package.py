@@ -46,10 +46,26 @@ PACKAGE_PINS = ["tuned-lens==0.2.0", "torchdata==0.8.0", "transformers<5", "data
 # Budgets of the lenskit runs (closed-form start, then exact-KL steps). A lens made
 # within 3 minutes is also made within 15; ``--long`` adds the 15-minute budget.
 LENSKIT_RUNS = {
-    "lenskit_3min": ["--lstsq-tokens", "8192", "--tokens", "0", "--eval-tokens", "256",
-                     "--val-tokens", "0"],
-    "lenskit_15min": ["--lstsq-tokens", "32768", "--tokens", "4096", "--eval-tokens", "256",
-                      "--val-tokens", "512"],
+    "lenskit_3min": [
+        "--lstsq-tokens",
+        "8192",
+        "--tokens",
+        "0",
+        "--eval-tokens",
+        "256",
+        "--val-tokens",
+        "0",
+    ],
+    "lenskit_15min": [
+        "--lstsq-tokens",
+        "32768",
+        "--tokens",
+        "4096",
+        "--eval-tokens",
+        "256",
+        "--val-tokens",
+        "512",
+    ],
 }
 
 
@@ -99,8 +115,12 @@ def phase_prepare(work: Path) -> dict[str, object]:
             f.write(json.dumps({"text": doc}) + "\n")
     chunks = tokenize_corpus(held, model.tokenizer, SEQ_LEN, max_tokens=2048)
     torch.save(chunks.tokens, work / "heldout.pt")
-    info = {"model_dir": str(model_dir), "train_docs": len(train.documents),
-            "heldout_docs": len(held.documents), "heldout_tokens": chunks.n_tokens}
+    info = {
+        "model_dir": str(model_dir),
+        "train_docs": len(train.documents),
+        "heldout_docs": len(held.documents),
+        "heldout_tokens": chunks.n_tokens,
+    }
     done.write_text(json.dumps(info, indent=2))
     return info
 
@@ -113,31 +133,56 @@ def phase_package(python: Path, work: Path, minutes: float) -> dict[str, object]
     out = work / "package-lens"
     if out.exists():
         shutil.rmtree(out)
-    cmd = [str(python), "-m", "tuned_lens", "train",
-           "--model.name", str(work / "smollm2-135m-hf4"), "--precision", "float32",
-           "--data.name", str(work / "train.jsonl"), "--max_length", str(SEQ_LEN),
-           "--tokens_per_step", str(TOKENS_PER_STEP), "--num_steps", "250",
-           "--per_gpu_batch_size", str(TOKENS_PER_STEP // SEQ_LEN),
-           "--checkpoint_freq", "1", "--output", str(out)]
+    cmd = [
+        str(python),
+        "-m",
+        "tuned_lens",
+        "train",
+        "--model.name",
+        str(work / "smollm2-135m-hf4"),
+        "--precision",
+        "float32",
+        "--data.name",
+        str(work / "train.jsonl"),
+        "--max_length",
+        str(SEQ_LEN),
+        "--tokens_per_step",
+        str(TOKENS_PER_STEP),
+        "--num_steps",
+        "250",
+        "--per_gpu_batch_size",
+        str(TOKENS_PER_STEP // SEQ_LEN),
+        "--checkpoint_freq",
+        "1",
+        "--output",
+        str(out),
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     log = (work / "package.log").open("w")
     start = time.time()
     print("+", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         proc.wait(timeout=minutes * 60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
-    snaps = sorted((out / "checkpoints").glob("snapshot_*.pth"),
-                   key=lambda p: int(p.stem.split("_")[1]))
-    times = [{"step": int(p.stem.split("_")[1]), "path": str(p),
-              "seconds": p.stat().st_mtime - start} for p in snaps]
+    snaps = sorted(
+        (out / "checkpoints").glob("snapshot_*.pth"), key=lambda p: int(p.stem.split("_")[1])
+    )
+    times = [
+        {"step": int(p.stem.split("_")[1]), "path": str(p), "seconds": p.stat().st_mtime - start}
+        for p in snaps
+    ]
     steps_s = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(times)]
-    info = {"command": cmd, "minutes": minutes, "snapshots": times,
-            "tokens_per_s": (TOKENS_PER_STEP / (sum(steps_s) / len(steps_s))
-                             if steps_s else None)}
+    info = {
+        "command": cmd,
+        "minutes": minutes,
+        "snapshots": times,
+        "tokens_per_s": (TOKENS_PER_STEP / (sum(steps_s) / len(steps_s)) if steps_s else None),
+    }
     done.write_text(json.dumps(info, indent=2))
     return info
 
@@ -152,13 +197,28 @@ def phase_lenskit(work: Path, long: bool) -> dict[str, object]:
         out = work / name
         if out.exists():
             shutil.rmtree(out)
-        cmd = ["lenskit", "train", "--model", "smollm2-135m", "--seq-len", str(SEQ_LEN),
-               "--tokens-per-step", str(TOKENS_PER_STEP), *extra, "--out", str(out)]
+        cmd = [
+            "lenskit",
+            "train",
+            "--model",
+            "smollm2-135m",
+            "--seq-len",
+            str(SEQ_LEN),
+            "--tokens-per-step",
+            str(TOKENS_PER_STEP),
+            *extra,
+            "--out",
+            str(out),
+        ]
         start = time.time()
         _run(cmd)
         metrics = json.loads((out / "metrics.json").read_text())
-        results[name] = {"command": cmd, "seconds": time.time() - start, "dir": str(out),
-                         "metrics": {k: v for k, v in metrics.items() if k != "layers"}}
+        results[name] = {
+            "command": cmd,
+            "seconds": time.time() - start,
+            "dir": str(out),
+            "metrics": {k: v for k, v in metrics.items() if k != "layers"},
+        }
         done.write_text(json.dumps(results, indent=2))
     return results
 
@@ -168,7 +228,7 @@ def phase_score(work: Path, package: dict, runs: dict, minutes: float) -> dict[s
     import torch
 
     import lenskit
-    from lenskit.layer_kl import layer_kl_sums
+    from lenskit.evaluation.layer_kl import layer_kl_sums
     from lenskit.lenses.tuned import TunedLens
     from lenskit.metrics import LN2
 
@@ -182,8 +242,11 @@ def phase_score(work: Path, package: dict, runs: dict, minutes: float) -> dict[s
             continue
         snap = before[-1]
         state = torch.load(snap["path"], map_location="cpu", weights_only=False)["lens"]
-        params = {k.removeprefix("layer_translators."): v for k, v in state.items()
-                  if k.startswith("layer_translators.")}
+        params = {
+            k.removeprefix("layer_translators."): v
+            for k, v in state.items()
+            if k.startswith("layer_translators.")
+        }
         lens = TunedLens.untrained(model)
         lens.translators.load_state_dict(params)
         lenses.append(lens)
@@ -193,8 +256,10 @@ def phase_score(work: Path, package: dict, runs: dict, minutes: float) -> dict[s
         names.append(f"{name} ({run['seconds']:.0f} s)")
     sums = layer_kl_sums(model, lenses, tokens, progress=True)
     per_layer = (sums / tokens.numel() / LN2).tolist()
-    return {n: {"mean_kl_bits": sum(v) / len(v), "per_layer_kl_bits": v}
-            for n, v in zip(names, per_layer, strict=True)}
+    return {
+        n: {"mean_kl_bits": sum(v) / len(v), "per_layer_kl_bits": v}
+        for n, v in zip(names, per_layer, strict=True)
+    }
 
 
 def main() -> None:
@@ -211,15 +276,24 @@ def main() -> None:
     package = phase_package(python, args.work, args.minutes)
     runs = phase_lenskit(args.work, args.long)
     scores = phase_score(args.work, package, runs, args.minutes)
-    result = {"seq_len": SEQ_LEN, "tokens_per_step": TOKENS_PER_STEP, "data": prepared,
-              "package": package, "lenskit": runs, "heldout_mean_kl_bits": scores}
+    result = {
+        "seq_len": SEQ_LEN,
+        "tokens_per_step": TOKENS_PER_STEP,
+        "data": prepared,
+        "package": package,
+        "lenskit": runs,
+        "heldout_mean_kl_bits": scores,
+    }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "tuned_lens_package.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, score in scores.items():
         print(f"{name:55s} {score['mean_kl_bits']:7.2f} bits")
     rate = package["tokens_per_s"]
-    print(f"package training: {rate:.1f} tokens/s" if rate and math.isfinite(rate)
-          else "package training: fewer than two snapshots, no rate")
+    print(
+        f"package training: {rate:.1f} tokens/s"
+        if rate and math.isfinite(rate)
+        else "package training: fewer than two snapshots, no rate"
+    )
 
 
 if __name__ == "__main__":

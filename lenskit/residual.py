@@ -152,16 +152,18 @@ def capture(
     wanted = {name for point in points for name in hook_names(n_layers, point)} | {final_name}
     output = None
     hooks = [(n, saver(n)) for n in sorted(wanted)]
-    with (model_lock(model), torch.no_grad(), model.hooks(fwd_hooks=hooks),
-          contextlib.suppress(_FinalResidualReached)):
+    with (
+        model_lock(model),
+        torch.no_grad(),
+        model.hooks(fwd_hooks=hooks),
+        contextlib.suppress(_FinalResidualReached),
+    ):
         output = model(tokens).detach()
     stacks = {
         point: torch.stack([store[name] for name in hook_names(n_layers, point)])
         for point in points
     }
-    return ResidualCapture(
-        tokens=tokens, logits=output, points=stacks, final=store[final_name]
-    )
+    return ResidualCapture(tokens=tokens, logits=output, points=stacks, final=store[final_name])
 
 
 def residual_stack(
@@ -179,9 +181,14 @@ def token_texts(tokenizer: Any, ids: Tensor) -> list[Any]:
     is decoded once, in one batch call.
     """
     unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-    texts = ["" if i < 0 else text for i, text in zip(
-        unique.tolist(), tokenizer.batch_decode([[max(i, 0)] for i in unique.tolist()]),
-        strict=True)]
+    texts = [
+        "" if i < 0 else text
+        for i, text in zip(
+            unique.tolist(),
+            tokenizer.batch_decode([[max(i, 0)] for i in unique.tolist()]),
+            strict=True,
+        )
+    ]
     grid = np.empty(len(texts), dtype=object)
     grid[:] = texts
     out = grid[inverse.reshape(ids.shape).numpy()]

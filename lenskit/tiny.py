@@ -30,7 +30,11 @@ def byte_tokenizer() -> Any:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token=_EOS, bos_token=_EOS, pad_token=_EOS, unk_token=_EOS,
+        tokenizer_object=core,
+        eos_token=_EOS,
+        bos_token=_EOS,
+        pad_token=_EOS,
+        unk_token=_EOS,
         add_bos_token=True,
     )
     tok.model_max_length = 128
@@ -65,17 +69,30 @@ def build(name: str, *, seed: int = 0) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     if name == "tiny-llama":
         cfg = LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.eos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=None,
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=None,
             initializer_range=0.2,
         )
         model = LlamaForCausalLM(cfg)
     elif name == "tiny-gpt2":
         cfg = GPT2Config(
-            vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=128,
-            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+            vocab_size=vocab,
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
             initializer_range=0.2,
         )
         model = GPT2LMHeadModel(cfg)

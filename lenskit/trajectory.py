@@ -124,8 +124,9 @@ class Trajectory:
                     record["target_rank"] = int(self.target_rank[row, pos])
                 records.append(record)
         frame = pd.DataFrame.from_records(records)
-        frame.attrs.update(model=self.model_name, lens=self.lens_kind, prompt=self.prompt,
-                           target=self.target)
+        frame.attrs.update(
+            model=self.model_name, lens=self.lens_kind, prompt=self.prompt, target=self.target
+        )
         return frame
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,9 +189,16 @@ class TrajectoryBuilder:
         cells: The rows and positions to compute (None: all).
     """
 
-    def __init__(self, model: Any, lens: Lens, tokens: Int[Tensor, "1 pos"],
-                 final_logits: Float[Tensor, "pos d_vocab"],
-                 target: tuple[str, int] | None, top_k: int, cells: Cells | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        lens: Lens,
+        tokens: Int[Tensor, "1 pos"],
+        final_logits: Float[Tensor, "pos d_vocab"],
+        target: tuple[str, int] | None,
+        top_k: int,
+        cells: Cells | None = None,
+    ) -> None:
         adapter = lens.adapter
         lens.check_model(model)
         if not 1 <= top_k <= adapter.d_vocab:
@@ -198,7 +206,12 @@ class TrajectoryBuilder:
         n_rows, n_pos = adapter.n_rows, tokens.shape[-1]
         self.cells = cells or Cells.select(n_rows, n_pos)
         self.model, self.lens, self.tokens, self.target, self.top_k = (
-            model, lens, tokens, target, top_k)
+            model,
+            lens,
+            tokens,
+            target,
+            top_k,
+        )
         window = slice(self.cells.start, self.cells.stop)
         next_ids = torch.cat([tokens[0, 1:], tokens[0, -1:]])  # the last one is masked
         self.ids = next_ids[window].unsqueeze(-1)
@@ -220,8 +233,13 @@ class TrajectoryBuilder:
 
     def add(self, row: int, logits: Float[Tensor, "pos d_vocab"]) -> None:
         """Statistics of one row from its logits at the chosen positions."""
-        stats = row_stats(logits, self.reference, self.ids, top_k=self.top_k,
-                          rank_columns=0 if self.target is None else 1)
+        stats = row_stats(
+            logits,
+            self.reference,
+            self.ids,
+            top_k=self.top_k,
+            rank_columns=0 if self.target is None else 1,
+        )
         window = slice(self.cells.start, self.cells.stop)
         self.entropy[row, window] = stats.entropy
         self.kl[row, window] = stats.kl

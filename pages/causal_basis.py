@@ -2,13 +2,13 @@
 
 import streamlit as st
 
-import app_state as S
-from app_paths import describe_roots, folder_name, next_lens_dir, out_path
+import lenskit_app.state as S
 from lenskit import plotting
-from lenskit.causal_basis import INDEX_FILE, read_index
-from lenskit.causal_extraction import CausalBasisConfig
-from lenskit.causal_influence import ABLATIONS
+from lenskit.causal.extraction import CausalBasisConfig
+from lenskit.causal.influence import ABLATIONS
 from lenskit.errors import LenskitError
+from lenskit.lenses.basis import INDEX_FILE, read_index
+from lenskit_app.paths import describe_roots, folder_name, next_lens_dir, out_path
 
 # Defaults sized for smollm2-135m on two CPU cores (see the caption of the Extract section).
 K, TOKENS, EVAL_TOKENS, SEQ_LEN = 4, 512, 256, 128
@@ -31,12 +31,16 @@ record = st.session_state.get(S.CAUSAL_RUN)
 if record and record["status"] == "running":
     record["status"] = "stopped"
 if record and record["model"] == name and record["status"] == "done":
-    st.success(f"Extracted layer {record['layer']} into {record['out']} in "
-               f"{record['seconds']:.0f} s. The folder is now the causal-basis lens on every "
-               "page.")
+    st.success(
+        f"Extracted layer {record['layer']} into {record['out']} in "
+        f"{record['seconds']:.0f} s. The folder is now the causal-basis lens on every "
+        "page."
+    )
 elif record and record["model"] == name and record["status"] == "stopped":
-    st.warning(f"Extraction of layer {record['layer']} stopped before it finished; layers "
-               f"finished before are kept in {record['out']}.")
+    st.warning(
+        f"Extraction of layer {record['layer']} stopped before it finished; layers "
+        f"finished before are kept in {record['out']}."
+    )
 
 # --- inspect ------------------------------------------------------------------------------
 
@@ -50,8 +54,11 @@ if lens is not None:
     c1, c2 = st.columns(2)
     fresh = record and record["status"] == "done" and record["out"] == lens.source
     latest = record["layer"] if fresh and record["layer"] in lens.layers else None
-    layer = c1.selectbox("Layer", lens.layers, index=lens.layers.index(latest) if latest
-                         is not None else len(lens.layers) // 2)
+    layer = c1.selectbox(
+        "Layer",
+        lens.layers,
+        index=lens.layers.index(latest) if latest is not None else len(lens.layers) // 2,
+    )
     top = c2.slider("Tokens per side", 3, 15, 8)
     basis = S.guard(S.causal_basis, lens.source, layer)
     st.plotly_chart(plotting.influence_plot(basis), width="stretch")
@@ -75,34 +82,59 @@ with st.expander("Extract a basis", expanded=lens is None or bool(record)):
     except LenskitError as err:
         (st.error if tuned_path else st.info)(
             f"A causal basis is extracted for the tuned lens, and none loads: {err}. Train one "
-            "on the Train page (it then becomes the tuned lens), or choose one on Home.")
+            "on the Train page (it then becomes the tuned lens), or choose one on Home."
+        )
         st.stop()
 
     c1, c2, c3 = st.columns(3)
-    layer = c1.number_input("Layer to extract", 0, adapter.n_layers - 1, adapter.n_layers // 2,
-                            help=f"A block input, 0..{adapter.n_layers - 1}.")
+    layer = c1.number_input(
+        "Layer to extract",
+        0,
+        adapter.n_layers - 1,
+        adapter.n_layers // 2,
+        help=f"A block input, 0..{adapter.n_layers - 1}.",
+    )
     k = c2.number_input("Directions (k)", 1, adapter.d_model, min(K, adapter.d_model))
-    ablation = c3.selectbox("Ablation", ABLATIONS, help="What an ablated direction is set "
-                            "to: the mean residual, zero, or another token's residual.")
+    ablation = c3.selectbox(
+        "Ablation",
+        ABLATIONS,
+        help="What an ablated direction is set "
+        "to: the mean residual, zero, or another token's residual.",
+    )
     d1, d2, d3, d4 = st.columns(4)
-    seq_len = d1.number_input("Tokens per sequence", 2, adapter.n_ctx,
-                              min(SEQ_LEN, adapter.n_ctx))
-    tokens = d2.number_input("Training tokens", 2, 1 << 24, TOKENS, step=256,
-                             help="Whole sequences; the directions are optimised on these.")
-    eval_tokens = d3.number_input("Held-out tokens", 2, 1 << 24, EVAL_TOKENS, step=256,
-                                  help="Whole sequences; the influences are reported on these.")
+    seq_len = d1.number_input("Tokens per sequence", 2, adapter.n_ctx, min(SEQ_LEN, adapter.n_ctx))
+    tokens = d2.number_input(
+        "Training tokens",
+        2,
+        1 << 24,
+        TOKENS,
+        step=256,
+        help="Whole sequences; the directions are optimised on these.",
+    )
+    eval_tokens = d3.number_input(
+        "Held-out tokens",
+        2,
+        1 << 24,
+        EVAL_TOKENS,
+        step=256,
+        help="Whole sequences; the influences are reported on these.",
+    )
     seed = d4.number_input("Seed", 0, 1 << 31, 0)
     e1, e2 = st.columns(2)
     max_iter = e1.number_input("Most iterations per direction", 1, 1000, 50)
-    measure_model = e2.checkbox("Measure the influence on the model", value=True,
-                                help="k forward passes of the model over the held-out tokens.")
+    measure_model = e2.checkbox(
+        "Measure the influence on the model",
+        value=True,
+        help="k forward passes of the model over the held-out tokens.",
+    )
     corpus = S.corpus_section("causal")
 
     out_key = f"causal_out_{folder_name(name)}"
     if out_key not in st.session_state:  # the chosen basis folder grows; else a fresh one
         st.session_state[out_key] = chosen or str(next_lens_dir(name, "causal-basis"))
     out_text = st.text_input(
-        "Output folder", key=out_key,
+        "Output folder",
+        key=out_key,
         help=f"A basis folder under {describe_roots()}: a new one, or one of this model and "
         f"tuned lens, which gets the layer added (or replaced). Folders under "
         f"lenses/{folder_name(name)}/ there are listed in the Home page's lens picker.",
@@ -113,18 +145,31 @@ with st.expander("Extract a basis", expanded=lens is None or bool(record)):
         if index is not None:
             have = sorted(int(x) for x in index["layers"])
             again = " (it is there already and will be replaced)" if layer in have else ""
-            st.caption(f"{out} holds layers {', '.join(map(str, have))} of "
-                       f"{index.get('model')}; layer {layer} is added{again}.")
+            st.caption(
+                f"{out} holds layers {', '.join(map(str, have))} of "
+                f"{index.get('model')}; layer {layer} is added{again}."
+            )
 
     if not st.button("Extract", type="primary"):
         st.stop()
-    config = S.guard(CausalBasisConfig, k=int(k), ablation=ablation, tokens=int(tokens),
-                     eval_tokens=int(eval_tokens), seq_len=int(seq_len), seed=int(seed),
-                     max_iter=int(max_iter), model_influence=measure_model)
+    config = S.guard(
+        CausalBasisConfig,
+        k=int(k),
+        ablation=ablation,
+        tokens=int(tokens),
+        eval_tokens=int(eval_tokens),
+        seq_len=int(seq_len),
+        seed=int(seed),
+        max_iter=int(max_iter),
+        model_influence=measure_model,
+    )
     record = {"out": str(out), "model": name, "layer": int(layer), "status": "running"}
     st.session_state[S.CAUSAL_RUN] = record
-    st.button("Stop", help="Stops the run; this layer is lost (a layer is saved when "
-              "finished), the layers in the folder are kept.")
+    st.button(
+        "Stop",
+        help="Stops the run; this layer is lost (a layer is saved when "
+        "finished), the layers in the folder are kept.",
+    )
     bar = st.progress(0.0, text="Reading and tokenizing the corpus…")
     cells = [column.empty() for column in st.columns(4)]
     last = {}
@@ -134,8 +179,10 @@ with st.expander("Extract a basis", expanded=lens is None or bool(record)):
         if p.phase == "capture":
             text = "Capturing the residual stream…"
         elif p.phase == "search":
-            text = (f"Layer {p.layer}: direction {p.direction + 1} of {p.k}, iteration "
-                    f"{p.iteration} (at most {p.max_iter})")
+            text = (
+                f"Layer {p.layer}: direction {p.direction + 1} of {p.k}, iteration "
+                f"{p.iteration} (at most {p.max_iter})"
+            )
         elif p.phase == "measure":
             text = f"Layer {p.layer}: measuring the {p.k} directions on held-out text…"
         else:
@@ -143,13 +190,15 @@ with st.expander("Extract a basis", expanded=lens is None or bool(record)):
         bar.progress(p.fraction, text=text)
         last["seconds"] = p.seconds
         cells[0].metric("Directions found", f"{p.directions_done} / {p.n_layers * p.k}")
-        cells[1].metric("Lens influence (bits)",
-                        "—" if p.objective_bits is None else f"{p.objective_bits:.4f}")
+        cells[1].metric(
+            "Lens influence (bits)", "—" if p.objective_bits is None else f"{p.objective_bits:.4f}"
+        )
         cells[2].metric("ETA (directions)", S.eta_text(p.eta_seconds))
         cells[3].metric("Elapsed", S.eta_text(p.seconds))
 
-    result = S.report(S.extract_basis, model, tuned, int(layer), config, corpus, out,
-                      on_progress=show)
+    result = S.report(
+        S.extract_basis, model, tuned, int(layer), config, corpus, out, on_progress=show
+    )
     if result is None:
         record["status"] = "failed"
         st.stop()

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-import app_state as S
+import lenskit_app.state as S
 from lenskit import plotting
 from lenskit.comparison import MEASURES
 from lenskit.plotting.heatmaps import MAX_PANELS
@@ -19,7 +19,10 @@ default = [k for k in DEFAULT_KINDS if k in ready]
 if len(default) < 2:
     default = (default + [k for k in ready if k not in default])[:3]
 kinds = st.multiselect(
-    f"Lenses (two to {MAX_PANELS})", ready, default=default, max_selections=MAX_PANELS,
+    f"Lenses (two to {MAX_PANELS})",
+    ready,
+    default=default,
+    max_selections=MAX_PANELS,
     help="Lenses not ready for this model are listed on the Home page with the reason.",
 )
 if len(kinds) < 2:
@@ -46,19 +49,33 @@ measure = d3.selectbox("Measure", list(MEASURES), format_func=MEASURES.get, inde
 # heatmap and the divergence map.
 rows = tuple(S.guard(select_rows, adapter.n_rows, stride))
 result = S.guard(
-    S.comparison, tuple(kinds), tuple(S.lens_path(k) for k in kinds), (kind_a, kind_b),
-    name, device, dtype, prompt, rows, (first, last),
+    S.comparison,
+    tuple(kinds),
+    tuple(S.lens_path(k) for k in kinds),
+    (kind_a, kind_b),
+    name,
+    device,
+    dtype,
+    prompt,
+    rows,
+    (first, last),
 )
 heatmaps.plotly_chart(
     S.guard(
-        plotting.compare_heatmaps, list(result.trajectories), statistic=statistic,
-        layer_stride=stride, token_range=(first, last),
+        plotting.compare_heatmaps,
+        list(result.trajectories),
+        statistic=statistic,
+        layer_stride=stride,
+        token_range=(first, last),
     ),
     width="stretch",
 )
 st.plotly_chart(
     S.guard(
-        plotting.divergence_heatmap, result.divergence, measure=measure, layer_stride=stride,
+        plotting.divergence_heatmap,
+        result.divergence,
+        measure=measure,
+        layer_stride=stride,
         token_range=(first, last),
     ),
     width="stretch",

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-import app_state as S
+import lenskit_app.state as S
 
 S.init_state()
 

@@ -3,9 +3,9 @@
 import pandas as pd
 import streamlit as st
 
-import app_state as S
-from app_paths import corpus_path, describe_roots, folder_name, next_lens_dir, out_path
+import lenskit_app.state as S
 from lenskit.training import CHECKPOINT_FILE, TrainConfig
+from lenskit_app.paths import corpus_path, describe_roots, folder_name, next_lens_dir, out_path
 
 st.title("Train a tuned lens")
 name, device, dtype = S.model_key()
@@ -26,18 +26,30 @@ if record and record["status"] == "running":
 corpus = S.corpus_section("train")
 c1, c2, c3 = st.columns(3)
 seq_len = c1.number_input("Tokens per sequence", 2, adapter.n_ctx, min(128, adapter.n_ctx))
-tokens_per_step = c2.number_input("Tokens per step", 1, 1 << 20, 256,
-                                  help="A multiple of the tokens per sequence.")
-tokens = c3.number_input("Fine-tuning tokens", 0, 1 << 30, 2048, step=256,
-                         help="KL fine-tuning budget, in whole steps; 0: the closed-form "
-                         "start only.")
+tokens_per_step = c2.number_input(
+    "Tokens per step", 1, 1 << 20, 256, help="A multiple of the tokens per sequence."
+)
+tokens = c3.number_input(
+    "Fine-tuning tokens",
+    0,
+    1 << 30,
+    2048,
+    step=256,
+    help="KL fine-tuning budget, in whole steps; 0: the closed-form start only.",
+)
 with st.expander("More settings"):
     d1, d2, d3, d4 = st.columns(4)
     lstsq_tokens = d1.number_input("Closed-form tokens", 2, 1 << 30, 8192, step=1024)
     eval_tokens = d2.number_input("Held-out tokens (report)", 2, 1 << 30, 1024, step=256)
-    val_tokens = d3.number_input("Validation tokens", 0, 1 << 30, 256, step=128,
-                                 help="Choose per layer between start and fine-tuned "
-                                 "translator; 0: always keep the fine-tuned one.")
+    val_tokens = d3.number_input(
+        "Validation tokens",
+        0,
+        1 << 30,
+        256,
+        step=128,
+        help="Choose per layer between start and fine-tuned "
+        "translator; 0: always keep the fine-tuned one.",
+    )
     seed = d4.number_input("Seed", 0, 1 << 31, 0)
 
 out_key = f"train_out_{folder_name(name)}"
@@ -46,7 +58,8 @@ if out_key not in st.session_state or (
 ):  # a fresh folder, also after a run finished in the one shown
     st.session_state[out_key] = str(next_lens_dir(name))
 out_text = st.text_input(
-    "Output folder", key=out_key,
+    "Output folder",
+    key=out_key,
     help=f"A new folder for the lens, under {describe_roots()}. Lenses saved under "
     f"lenses/{folder_name(name)}/ there are listed in the Home page's lens picker.",
 )
@@ -70,8 +83,10 @@ if (out / "config.json").is_file():
 elif checkpoint.is_file():
     old = S.guard(S.checkpoint_config, str(out), checkpoint.stat().st_mtime_ns)
     if old.model != adapter.name:
-        st.error(f"The unfinished run in {out} is for {old.model}, not {adapter.name}: choose "
-                 "that model on Home, or another output folder.")
+        st.error(
+            f"The unfinished run in {out} is for {old.model}, not {adapter.name}: choose "
+            "that model on Home, or another output folder."
+        )
     else:
         stopped = record and record["status"] == "stopped" and record["out"] == str(out)
         st.warning(
@@ -96,16 +111,27 @@ if resume:
         S.guard(corpus_path, config.data)
 else:
     config = S.guard(
-        TrainConfig, model=adapter.name, data=corpus, tokens=int(tokens), seq_len=int(seq_len),
-        tokens_per_step=int(tokens_per_step), lstsq_tokens=int(lstsq_tokens),
-        eval_tokens=int(eval_tokens), val_tokens=int(val_tokens), seed=int(seed),
-        checkpoint_every=5, device=device, dtype=dtype,
+        TrainConfig,
+        model=adapter.name,
+        data=corpus,
+        tokens=int(tokens),
+        seq_len=int(seq_len),
+        tokens_per_step=int(tokens_per_step),
+        lstsq_tokens=int(lstsq_tokens),
+        eval_tokens=int(eval_tokens),
+        val_tokens=int(val_tokens),
+        seed=int(seed),
+        checkpoint_every=5,
+        device=device,
+        dtype=dtype,
     )
 
 record = {"out": str(out), "model": name, "status": "running"}
 st.session_state[S.TRAIN] = record
-st.button("Stop training", help="Stops at the next step; the checkpoint keeps the work and Resume "
-          "continues it.")
+st.button(
+    "Stop training",
+    help="Stops at the next step; the checkpoint keeps the work and Resume continues it.",
+)
 bar = st.progress(0.0, text="Reading and tokenizing the corpus…")
 cells = [column.empty() for column in st.columns(4)]
 PHASES = {"closed-form": "Closed-form start", "fine-tune": "KL fine-tuning"}
@@ -126,8 +152,12 @@ if result is None:
     record["status"] = "failed"
     st.stop()
 n = len(result.logit_kl)
-record.update(status="done", seconds=result.seconds, logit=sum(result.logit_kl) / n,
-              tuned=sum(result.tuned_kl) / n,
-              per_layer=result.to_frame().to_dict(orient="list"))
+record.update(
+    status="done",
+    seconds=result.seconds,
+    logit=sum(result.logit_kl) / n,
+    tuned=sum(result.tuned_kl) / n,
+    per_layer=result.to_frame().to_dict(orient="list"),
+)
 st.session_state[S.LENS_PATHS]["tuned"] = str(out)
 st.rerun()

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-import app_state as S
+import lenskit_app.state as S
 from lenskit import plotting
 from lenskit.plotting.style import select_rows
 
@@ -26,8 +26,19 @@ if statistic.startswith("target") and not target:
 
 # Only the shown cells are read: each costs one unembedding matmul.
 rows = tuple(S.guard(select_rows, adapter.n_rows, stride))
-traj = S.guard(S.trajectory, kind, name, device, dtype, S.lens_path(kind), prompt, target, 10,
-               rows, (first, last))
+traj = S.guard(
+    S.trajectory,
+    kind,
+    name,
+    device,
+    dtype,
+    S.lens_path(kind),
+    prompt,
+    target,
+    10,
+    rows,
+    (first, last),
+)
 fig = S.guard(
     plotting.trajectory_heatmap,
     traj,
@@ -38,6 +49,9 @@ fig = S.guard(
 st.plotly_chart(fig, width="stretch")
 # Built only when asked for: the table of every shown cell costs the browser more than
 # the heatmap does.
-if st.toggle("Show the numbers", help="Every shown cell: top-1 token and probability, "
-             "entropy, KL to the output and next-token cross-entropy, in bits."):
+if st.toggle(
+    "Show the numbers",
+    help="Every shown cell: top-1 token and probability, "
+    "entropy, KL to the output and next-token cross-entropy, in bits.",
+):
     st.dataframe(traj.to_frame().drop(columns=["topk_tokens", "topk_probs"]))

@@ -11,9 +11,9 @@ import torch
 from helpers import write_corpus
 from streamlit.testing.v1 import AppTest
 
-import app_state as S
-from app_paths import DIRS_ENV
+import lenskit_app.state as S
 from lenskit.training import CHECKPOINT_FILE
+from lenskit_app.paths import DIRS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["app.py", "pages/trajectory.py", "pages/compare.py"]  # the pages that read a prompt
@@ -118,8 +118,14 @@ def test_compare_page_with_a_saved_tuned_lens(tmp_path, tiny_llama):
 
 # --- Train, Evaluate and the lens picker, in a folder the app is allowed to use ------------
 
-TINY_TRAIN = {"Tokens per sequence": 32, "Tokens per step": 64, "Fine-tuning tokens": 128,
-              "Closed-form tokens": 256, "Held-out tokens (report)": 64, "Validation tokens": 32}
+TINY_TRAIN = {
+    "Tokens per sequence": 32,
+    "Tokens per step": 64,
+    "Fine-tuning tokens": 128,
+    "Closed-form tokens": 256,
+    "Held-out tokens (report)": 64,
+    "Validation tokens": 32,
+}
 
 
 @pytest.fixture()
@@ -212,8 +218,12 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes_the_run(workdir, monkeypatc
 
 @pytest.mark.parametrize(
     ("path", "message"),
-    [("missing", "no file or folder at"), ("..", "outside the folders the app may use"),
-     ("corpus/../../x", "outside the folders the app may use"), ("/etc", "outside")],
+    [
+        ("missing", "no file or folder at"),
+        ("..", "outside the folders the app may use"),
+        ("corpus/../../x", "outside the folders the app may use"),
+        ("/etc", "outside"),
+    ],
 )
 def test_a_bad_corpus_path_is_an_error(workdir, path, message):
     at = _corpus(_page("pages/train.py"), "train", workdir / path)
@@ -272,8 +282,11 @@ def test_evaluate_page_shows_the_table_the_plot_and_downloads(workdir, tiny_llam
     real = evaluation.evaluate
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
     TunedLens.untrained(tiny_llama).save(workdir / "lens")  # exactly the logit lens
-    at = _corpus(_page("pages/evaluate.py", **{S.LENS_PATHS: {"tuned": str(workdir / "lens")}}),
-                 "eval", workdir / "corpus")
+    at = _corpus(
+        _page("pages/evaluate.py", **{S.LENS_PATHS: {"tuned": str(workdir / "lens")}}),
+        "eval",
+        workdir / "corpus",
+    )
     assert at.multiselect[0].value == ["logit", "tuned"]
     next(b for b in at.number_input if b.label == "Tokens").set_value(256)
     next(b for b in at.number_input if b.label == "Tokens per sequence").set_value(32)
@@ -290,8 +303,10 @@ def test_evaluate_page_shows_the_table_the_plot_and_downloads(workdir, tiny_llam
 
     at.selectbox[0].set_value("ce_bits").run()  # a new plot from the cached result
     assert _errors(at) == [] and calls == [1]
-    assert "cross-entropy" in json.loads(at.get("plotly_chart")[0].proto.spec)["layout"][
-        "yaxis"]["title"]["text"]
+    assert (
+        "cross-entropy"
+        in json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["yaxis"]["title"]["text"]
+    )
     next(b for b in at.number_input if b.label == "Tokens").set_value(128)
     _button(at.run(), "Run").click().run()
     assert _errors(at) == [] and calls == [1, 1]
@@ -299,14 +314,21 @@ def test_evaluate_page_shows_the_table_the_plot_and_downloads(workdir, tiny_llam
 
 @pytest.mark.parametrize(
     ("setup", "message"),
-    [("too-few", "has only"), ("csv", "is not a .txt, .md or .jsonl file"),
-     ("no-lens", "No lens is chosen"), ("outside", "outside the folders the app may use")],
+    [
+        ("too-few", "has only"),
+        ("csv", "is not a .txt, .md or .jsonl file"),
+        ("no-lens", "No lens is chosen"),
+        ("outside", "outside the folders the app may use"),
+    ],
 )
 def test_evaluate_page_errors(workdir, setup, message):
     (workdir / "short.txt").write_text("Only a few words here.", encoding="utf-8")
     (workdir / "data.csv").write_text("text\nsome words\n", encoding="utf-8")
-    path = {"too-few": workdir / "short.txt", "csv": workdir / "data.csv",
-            "outside": workdir.parent}.get(setup, workdir / "corpus")
+    path = {
+        "too-few": workdir / "short.txt",
+        "csv": workdir / "data.csv",
+        "outside": workdir.parent,
+    }.get(setup, workdir / "corpus")
     at = _corpus(_page("pages/evaluate.py"), "eval", path)
     if setup == "no-lens":
         at.multiselect[0].set_value([]).run()

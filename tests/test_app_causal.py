@@ -8,18 +8,23 @@ import streamlit as st
 from helpers import write_corpus
 from streamlit.testing.v1 import AppTest
 
-import app_state as S
-from app_paths import DIRS_ENV, saved_lenses
-from lenskit.causal_basis import INDEX_FILE, layer_file, read_index
-from lenskit.causal_extraction import CausalBasisConfig, extract_causal_basis
+import lenskit_app.state as S
+from lenskit.causal.extraction import CausalBasisConfig, extract_causal_basis
 from lenskit.lenses import get_lens
+from lenskit.lenses.basis import INDEX_FILE, layer_file, read_index
 from lenskit.lenses.tuned import TunedLens
+from lenskit_app.paths import DIRS_ENV, saved_lenses
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = "pages/causal_basis.py"
 OUT_KEY = "causal_out_tiny-llama"
-TINY = {"Directions (k)": 2, "Tokens per sequence": 32, "Training tokens": 128,
-        "Held-out tokens": 64, "Most iterations per direction": 8}
+TINY = {
+    "Directions (k)": 2,
+    "Tokens per sequence": 32,
+    "Training tokens": 128,
+    "Held-out tokens": 64,
+    "Most iterations per direction": 8,
+}
 
 
 @pytest.fixture()
@@ -64,8 +69,9 @@ def _settings(at, workdir, layer):
 def _extract_into_folder(model, workdir, out, layer=1):
     tuned = get_lens("tuned", model, path=str(workdir / "tuned"))
     config = CausalBasisConfig(k=1, tokens=64, eval_tokens=32, seq_len=32, max_iter=3)
-    extract_causal_basis(model, tuned, layer, config, str(workdir / "corpus"), out=out,
-                         progress=False)
+    extract_causal_basis(
+        model, tuned, layer, config, str(workdir / "corpus"), out=out, progress=False
+    )
 
 
 def test_extract_a_layer_then_another_into_the_same_folder(workdir, monkeypatch):
@@ -134,18 +140,27 @@ def test_an_output_folder_outside_is_refused(workdir):
     assert not (workdir.parent / "elsewhere").exists()
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    ("other-lens", "never mixes models or lenses"),
-    ("other-files", "holds other files and no causal basis"),
-])
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("other-lens", "never mixes models or lenses"),
+        ("other-files", "holds other files and no causal basis"),
+    ],
+)
 def test_a_folder_that_cannot_take_the_basis_is_an_error(workdir, tiny_llama, setup, message):
     out = workdir / "taken"
     if setup == "other-lens":  # a basis of another tuned lens of the same model
         TunedLens.untrained(tiny_llama).save(workdir / "other-tuned")
         other = get_lens("tuned", tiny_llama, path=str(workdir / "other-tuned"))
-        extract_causal_basis(tiny_llama, other, 1, CausalBasisConfig(
-            k=1, tokens=64, eval_tokens=32, seq_len=32, max_iter=3), str(workdir / "corpus"),
-            out=out, progress=False)
+        extract_causal_basis(
+            tiny_llama,
+            other,
+            1,
+            CausalBasisConfig(k=1, tokens=64, eval_tokens=32, seq_len=32, max_iter=3),
+            str(workdir / "corpus"),
+            out=out,
+            progress=False,
+        )
     else:
         out.mkdir()
         (out / "notes.txt").write_text("mine", encoding="utf-8")
@@ -180,13 +195,17 @@ def test_home_picker_lists_saved_basis_folders(workdir, tiny_llama):
     assert any(f"**{S.CAUSAL_KIND}** — ready" in m.value for m in at.markdown)
     at.switch_page(PAGE).run()
     assert _errors(at) == [] and next(s for s in at.selectbox if s.label == "Layer").options == [
-        "1"]
+        "1"
+    ]
 
 
-@pytest.mark.parametrize(("where", "message"), [
-    ("outside", "outside the folders the app may use"),
-    ("not-a-basis", "has no basis.json"),
-])
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("outside", "outside the folders the app may use"),
+        ("not-a-basis", "has no basis.json"),
+    ],
+)
 def test_home_picker_refuses_a_bad_basis_folder_in_one_line(workdir, where, message):
     folder = workdir.parent / f"{workdir.name}-basis" if where == "outside" else workdir / "x"
     folder.mkdir()

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from app_paths import (
+from lenskit.errors import LenskitError
+from lenskit.io import cache_dir
+from lenskit_app.paths import (
     DIRS_ENV,
     allowed_roots,
     check_path,
@@ -17,8 +19,6 @@ from app_paths import (
     out_path,
     saved_lenses,
 )
-from lenskit.errors import LenskitError
-from lenskit.io import cache_dir
 
 
 @pytest.fixture()
@@ -121,8 +121,10 @@ def test_saved_lenses_are_found_and_fresh_names_skip_them(tree):
     (secret / "lens").mkdir()
     (secret / "lens" / "config.json").write_text("{}")
     (home / "linked").symlink_to(secret / "lens", target_is_directory=True)
-    assert sorted(saved_lenses("tiny-llama", "tuned")) == [str(home / "tuned-1"),
-                                                           str(home / "tuned-2")]
+    assert sorted(saved_lenses("tiny-llama", "tuned")) == [
+        str(home / "tuned-1"),
+        str(home / "tuned-2"),
+    ]
     assert saved_lenses("tiny-llama", "jacobian") == [str(home / "j.pt")]
     assert saved_lenses("tiny-gpt2", "tuned") == []
     assert next_lens_dir("tiny-llama") == home / "tuned-3"

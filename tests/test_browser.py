@@ -25,9 +25,23 @@ def _free_port():
 def app_url():
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ},
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -59,8 +73,14 @@ def test_type_a_prompt_and_see_the_heatmap(app_url):
         browser = pw.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -82,6 +102,7 @@ def test_type_a_prompt_and_see_the_heatmap(app_url):
                 box.fill(f"The city we visited last year was {word}, and")
                 page.locator("h1").first.click()  # leaving the box applies the edit
                 page.locator(".js-plotly-plot .xtick text", has_text=word).first.wait_for(
-                    timeout=120_000)
+                    timeout=120_000
+                )
         finally:
             browser.close()

@@ -13,9 +13,8 @@ from helpers import randomised
 
 import lenskit
 from lenskit import cli, plotting
-from lenskit.causal_basis import INDEX_FILE, CausalBasis, load_bases, rank_correlation
-from lenskit.causal_extraction import CausalBasisConfig, extract_causal_basis
-from lenskit.causal_influence import (
+from lenskit.causal.extraction import CausalBasisConfig, extract_causal_basis
+from lenskit.causal.influence import (
     ABLATIONS,
     LensObjective,
     ablate,
@@ -28,6 +27,7 @@ from lenskit.causal_influence import (
 from lenskit.data import default_corpus, load_corpus, split_documents
 from lenskit.errors import LenskitError
 from lenskit.evaluation import eval_chunks
+from lenskit.lenses.basis import INDEX_FILE, CausalBasis, load_bases, rank_correlation
 from lenskit.lenses.causal_basis import CausalBasisLens
 from lenskit.lenses.tuned import TunedLens
 from lenskit.progress import BasisProgress
@@ -49,10 +49,32 @@ def tuned(tiny_llama, tmp_path_factory) -> TunedLens:
 def basis_dir(tiny_llama, tuned, corpus_dir, tmp_path_factory) -> Path:
     """A basis folder for layer 1 of tiny-llama, written by the command line."""
     out = tmp_path_factory.mktemp("basis") / "b"
-    argv = ["causal-basis", "--model", "tiny-llama", "--lens", f"tuned:{tuned.source}",
-            "--layer", "1", "--k", "3", "--data", str(corpus_dir), "--tokens", "128",
-            "--eval-tokens", "64", "--seq-len", str(SEQ), "--max-iter", "15", "--tol", "1e-3",
-            "--out", str(out), "--quiet"]
+    argv = [
+        "causal-basis",
+        "--model",
+        "tiny-llama",
+        "--lens",
+        f"tuned:{tuned.source}",
+        "--layer",
+        "1",
+        "--k",
+        "3",
+        "--data",
+        str(corpus_dir),
+        "--tokens",
+        "128",
+        "--eval-tokens",
+        "64",
+        "--seq-len",
+        str(SEQ),
+        "--max-iter",
+        "15",
+        "--tol",
+        "1e-3",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     return out
 
@@ -71,8 +93,10 @@ def residuals(model, tokens, layer, skip=1):
 def split_chunks(model, corpus_dir, **changes):
     cfg = CausalBasisConfig(**{**SMALL, **changes})
     train, held = split_documents(load_corpus(str(corpus_dir)), cfg.held_out, seed=cfg.seed)
-    return (eval_chunks(model, train, tokens=cfg.tokens, seq_len=SEQ, seed=cfg.seed),
-            eval_chunks(model, held, tokens=cfg.eval_tokens, seq_len=SEQ, seed=cfg.seed))
+    return (
+        eval_chunks(model, train, tokens=cfg.tokens, seq_len=SEQ, seed=cfg.seed),
+        eval_chunks(model, held, tokens=cfg.eval_tokens, seq_len=SEQ, seed=cfg.seed),
+    )
 
 
 def kl64(p_logits, q_logits):
@@ -92,8 +116,9 @@ def test_basis_is_orthonormal_sorted_and_complete(basis):
     assert s["objective_path"] == "fast"
 
 
-def test_mean_and_lens_influence_equal_a_plain_float64_computation(basis, tiny_llama, tuned,
-                                                                   corpus_dir):
+def test_mean_and_lens_influence_equal_a_plain_float64_computation(
+    basis, tiny_llama, tuned, corpus_dir
+):
     train, held = split_chunks(tiny_llama, corpus_dir)
     mean = residuals(tiny_llama, train.tokens, 1).double().mean(0)
     torch.testing.assert_close(basis.mean.double(), mean, atol=1e-5, rtol=1e-5)
@@ -161,8 +186,9 @@ def test_ablation_references():
         ablation_reference(h, "noise", h.mean(0), seed=0)
 
 
-def test_first_direction_moves_the_lens_more_than_random_directions(basis, tiny_llama, tuned,
-                                                                    corpus_dir):
+def test_first_direction_moves_the_lens_more_than_random_directions(
+    basis, tiny_llama, tuned, corpus_dir
+):
     _, held = split_chunks(tiny_llama, corpus_dir)
     h = residuals(tiny_llama, held.tokens, 1)
     ref = ablation_reference(h, "mean", basis.mean, seed=0)
@@ -182,8 +208,7 @@ def test_same_seed_same_basis_other_seed_another(tiny_llama, tuned, corpus_dir):
     one = extract_causal_basis(tiny_llama, tuned, 2, cfg, str(corpus_dir), progress=False)[2]
     assert all(p.grad is None for p in params)  # only the direction is differentiated
     two = extract_causal_basis(tiny_llama, tuned, [2], cfg, str(corpus_dir), progress=False)[2]
-    assert torch.equal(one.basis, two.basis) and torch.equal(one.lens_influence,
-                                                             two.lens_influence)
+    assert torch.equal(one.basis, two.basis) and torch.equal(one.lens_influence, two.lens_influence)
     assert one.model_influence is None and math.isnan(one.spearman)
     cfg3 = CausalBasisConfig(**{**SMALL, "k": 2, "model_influence": False, "seed": 3})
     three = extract_causal_basis(tiny_llama, tuned, 2, cfg3, str(corpus_dir), progress=False)[2]
@@ -197,20 +222,48 @@ def test_save_load_round_trip_adds_layers_and_refuses_mixing(basis, tmp_path, ti
     for name in ("basis", "mean", "lens_influence", "train_influence", "model_influence"):
         assert torch.equal(getattr(again, name), getattr(basis, name))
     assert (again.found_at, again.iterations, again.converged, again.settings) == (
-        basis.found_at, basis.iterations, basis.converged, basis.settings)
+        basis.found_at,
+        basis.iterations,
+        basis.converged,
+        basis.settings,
+    )
     assert CausalBasis.from_dict(json.loads(json.dumps(basis.to_dict()))).basis.equal(basis.basis)
-    moved = CausalBasis(**{**{f: getattr(basis, f) for f in (
-        "basis", "mean", "lens_influence", "train_influence", "model_influence", "found_at",
-        "iterations", "converged", "settings")}, "layer": 3})
+    moved = CausalBasis(
+        **{
+            **{
+                f: getattr(basis, f)
+                for f in (
+                    "basis",
+                    "mean",
+                    "lens_influence",
+                    "train_influence",
+                    "model_influence",
+                    "found_at",
+                    "iterations",
+                    "converged",
+                    "settings",
+                )
+            },
+            "layer": 3,
+        }
+    )
     moved.save(folder)
     assert sorted(load_bases(folder)) == [1, 3]
     assert sorted(json.loads((folder / INDEX_FILE).read_text())["layers"]) == ["1", "3"]
-    other_lens = CausalBasis(**{**moved.__dict__, "settings": {
-        **basis.settings, "lens": {"kind": "tuned", "path": "/elsewhere", "shipped": False}}})
+    other_lens = CausalBasis(
+        **{
+            **moved.__dict__,
+            "settings": {
+                **basis.settings,
+                "lens": {"kind": "tuned", "path": "/elsewhere", "shipped": False},
+            },
+        }
+    )
     with pytest.raises(LenskitError, match="never mixes models or lenses"):
         other_lens.save(folder)
-    other_model = CausalBasis(**{**moved.__dict__, "settings": {**basis.settings,
-                                                                 "model": "tiny-gpt2"}})
+    other_model = CausalBasis(
+        **{**moved.__dict__, "settings": {**basis.settings, "model": "tiny-gpt2"}}
+    )
     with pytest.raises(LenskitError, match="never mixes"):
         other_model.save(folder)
     with pytest.raises(LenskitError, match="no causal basis for layer 2"):
@@ -220,8 +273,10 @@ def test_save_load_round_trip_adds_layers_and_refuses_mixing(basis, tmp_path, ti
 
 
 def test_result_validation(basis):
-    fields = {f: getattr(basis, f) for f in ("layer", "basis", "mean", "lens_influence",
-                                             "train_influence")}
+    fields = {
+        f: getattr(basis, f)
+        for f in ("layer", "basis", "mean", "lens_influence", "train_influence")
+    }
     with pytest.raises(ValueError, match="orthonormal"):
         CausalBasis(**{**fields, "basis": basis.basis * 2})
     with pytest.raises(ValueError, match="decreasing"):
@@ -234,8 +289,9 @@ def test_result_validation(basis):
 def test_rank_correlation_matches_a_reference():
     assert rank_correlation(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == -1.0
     # ties share their average rank: ranks (1.5, 1.5, 3) and (1, 2, 3) -> 0.866...
-    assert rank_correlation(torch.tensor([5.0, 5, 7]), torch.tensor([1.0, 2, 3])) == \
-        pytest.approx(math.sqrt(3) / 2)
+    assert rank_correlation(torch.tensor([5.0, 5, 7]), torch.tensor([1.0, 2, 3])) == pytest.approx(
+        math.sqrt(3) / 2
+    )
     assert math.isnan(rank_correlation(torch.ones(4), torch.arange(4.0)))
     stats = pytest.importorskip("scipy.stats")
     gen = torch.Generator().manual_seed(0)
@@ -251,12 +307,10 @@ def test_lens_equals_a_plain_projection_then_the_tuned_lens(tiny_llama, tuned, b
     m, v = basis.mean.double(), basis.basis.double()
     projected = m + ((h.double() - m) @ v.T) @ v
     with torch.no_grad():
-        torch.testing.assert_close(lens(h, 1), tuned(projected.float(), 1), atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(lens(h, 1), tuned(projected.float(), 1), atol=1e-5, rtol=1e-5)
         two = lenskit.get_lens(KIND, tiny_llama, path=str(basis_dir), k="2")
         projected2 = m + ((h.double() - m) @ v[:2].T) @ v[:2]
-        torch.testing.assert_close(two(h, 1), tuned(projected2.float(), 1), atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(two(h, 1), tuned(projected2.float(), 1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lens(h, 4), tuned(h, 4))  # the output row, as it is
     with pytest.raises(LenskitError, match=r"no causal basis for layer 2: use one of layers 1"):
         lens(h, 2)
@@ -266,9 +320,14 @@ def test_lens_equals_a_plain_projection_then_the_tuned_lens(tiny_llama, tuned, b
 
 def test_full_basis_is_the_tuned_lens(tiny_llama, tuned, basis, tmp_path):
     q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
-    full = CausalBasis(layer=2, basis=q.T.contiguous(), mean=torch.randn(64),
-                       lens_influence=torch.linspace(1, 0, 64),
-                       train_influence=torch.zeros(64), settings=basis.settings)
+    full = CausalBasis(
+        layer=2,
+        basis=q.T.contiguous(),
+        mean=torch.randn(64),
+        lens_influence=torch.linspace(1, 0, 64),
+        train_influence=torch.zeros(64),
+        settings=basis.settings,
+    )
     full.save(tmp_path / "full")
     lens = lenskit.get_lens(KIND, tiny_llama, path=str(tmp_path / "full"))
     h = torch.randn(7, 64, generator=torch.Generator().manual_seed(1)) * 3
@@ -321,9 +380,13 @@ def test_direction_tokens_and_figures(tiny_llama, tuned, basis):
 
 
 def test_config_validation():
-    for bad, match in [({"k": 0}, "k must be >= 1"), ({"ablation": "x"}, "unknown ablation"),
-                       ({"held_out": 1.0}, "held_out"), ({"tol": 0.0}, "tol"),
-                       ({"skip_first": 32, "seq_len": 32}, "skip_first")]:
+    for bad, match in [
+        ({"k": 0}, "k must be >= 1"),
+        ({"ablation": "x"}, "unknown ablation"),
+        ({"held_out": 1.0}, "held_out"),
+        ({"tol": 0.0}, "tol"),
+        ({"skip_first": 32, "seq_len": 32}, "skip_first"),
+    ]:
         with pytest.raises(LenskitError, match=match):
             CausalBasisConfig(**bad)
     cfg = CausalBasisConfig(k=4)
@@ -339,30 +402,70 @@ def _error(capsys, argv) -> str:
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--layer", "4"], "layer 4 has no block input in tiny-llama: use 0..3"),
-     (["--layer", "1", "--k", "0"], "k must be >= 1"),
-     (["--layer", "1", "--k", "65"], "k=65 is more than d_model=64"),
-     (["--layer", "1", "--data", "/nonexistent/corpus.txt"], "no file or folder named"),
-     (["--layer", "1", "--lens", KIND], "extract a causal basis with the lens it will serve"),
-     (["--layer", "1", "--lens", "tuned"], "no tuned lens is shipped for tiny-llama")],
+    [
+        (["--layer", "4"], "layer 4 has no block input in tiny-llama: use 0..3"),
+        (["--layer", "1", "--k", "0"], "k must be >= 1"),
+        (["--layer", "1", "--k", "65"], "k=65 is more than d_model=64"),
+        (["--layer", "1", "--data", "/nonexistent/corpus.txt"], "no file or folder named"),
+        (["--layer", "1", "--lens", KIND], "extract a causal basis with the lens it will serve"),
+        (["--layer", "1", "--lens", "tuned"], "no tuned lens is shipped for tiny-llama"),
+    ],
 )
 def test_cli_bad_input_is_one_line(capsys, tmp_path, tuned, extra, message):
-    argv = ["--model", "tiny-llama", "--lens", f"tuned:{tuned.source}", "--out",
-            str(tmp_path / "o"), "--tokens", "64", "--seq-len", str(SEQ), "--quiet", *extra]
+    argv = [
+        "--model",
+        "tiny-llama",
+        "--lens",
+        f"tuned:{tuned.source}",
+        "--out",
+        str(tmp_path / "o"),
+        "--tokens",
+        "64",
+        "--seq-len",
+        str(SEQ),
+        "--quiet",
+        *extra,
+    ]
     assert message in _error(capsys, argv)
 
 
-def test_cli_refuses_a_lens_for_another_model_and_a_folder_of_another(capsys, tmp_path,
-                                                                      tiny_gpt2, basis_dir):
+def test_cli_refuses_a_lens_for_another_model_and_a_folder_of_another(
+    capsys, tmp_path, tiny_gpt2, basis_dir
+):
     other = tmp_path / "gpt2-tuned"
     randomised(tiny_gpt2, scale=0.1).save(other)
-    base = ["--model", "tiny-llama", "--layer", "1", "--tokens", "64", "--seq-len", str(SEQ),
-            "--quiet"]
+    base = [
+        "--model",
+        "tiny-llama",
+        "--layer",
+        "1",
+        "--tokens",
+        "64",
+        "--seq-len",
+        str(SEQ),
+        "--quiet",
+    ]
     assert "trained for a model with 3 layers" in _error(
-        capsys, [*base, "--lens", f"tuned:{other}", "--out", str(tmp_path / "o")])
+        capsys, [*base, "--lens", f"tuned:{other}", "--out", str(tmp_path / "o")]
+    )
     assert "never mixes models or lenses" in _error(
-        capsys, ["--model", "tiny-gpt2", "--lens", f"tuned:{other}", "--layer", "1", "--out",
-                 str(basis_dir), "--tokens", "64", "--seq-len", str(SEQ), "--quiet"])
+        capsys,
+        [
+            "--model",
+            "tiny-gpt2",
+            "--lens",
+            f"tuned:{other}",
+            "--layer",
+            "1",
+            "--out",
+            str(basis_dir),
+            "--tokens",
+            "64",
+            "--seq-len",
+            str(SEQ),
+            "--quiet",
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -400,11 +503,13 @@ def test_basis_progress_fraction_and_eta():
 
 
 def test_progress_reports_every_iteration_and_a_stop_keeps_finished_layers(
-        tiny_llama, tuned, corpus_dir, tmp_path):
+    tiny_llama, tuned, corpus_dir, tmp_path
+):
     cfg = CausalBasisConfig(**{**SMALL, "k": 2, "model_influence": False})
     seen: list[BasisProgress] = []
-    bases = extract_causal_basis(tiny_llama, tuned, [1, 2], cfg, str(corpus_dir),
-                                 progress=False, on_progress=seen.append)
+    bases = extract_causal_basis(
+        tiny_llama, tuned, [1, 2], cfg, str(corpus_dir), progress=False, on_progress=seen.append
+    )
     assert seen[0].phase == "capture" and seen[0].layer is None
     for li, layer in enumerate([1, 2]):
         mine = [p for p in seen if p.layer == layer]
@@ -413,10 +518,13 @@ def test_progress_reports_every_iteration_and_a_stop_keeps_finished_layers(
         for j, found in enumerate(bases[layer].found_at):
             per_direction[found] = bases[layer].iterations[j]
         assert [(p.direction, p.iteration) for p in searched] == [
-            (d, it) for d in range(cfg.k) for it in range(1, per_direction[d] + 1)]
+            (d, it) for d in range(cfg.k) for it in range(1, per_direction[d] + 1)
+        ]
         assert [p.phase for p in mine if p.phase != "search"] == ["measure", "done"]
-        assert all(p.layers_done == li and p.n_layers == 2 and p.k == cfg.k
-                   and p.max_iter == cfg.max_iter for p in mine)
+        assert all(
+            p.layers_done == li and p.n_layers == 2 and p.k == cfg.k and p.max_iter == cfg.max_iter
+            for p in mine
+        )
         assert all(p.objective_bits is not None and p.objective_bits > 0 for p in searched)
     assert len(seen) == 1 + sum(sum(b.iterations) + 2 for b in bases.values())
     fractions = [p.fraction for p in seen]
@@ -430,7 +538,15 @@ def test_progress_reports_every_iteration_and_a_stop_keeps_finished_layers(
             raise Halt
 
     with pytest.raises(Halt):
-        extract_causal_basis(tiny_llama, tuned, [1, 2], cfg, str(corpus_dir), out=tmp_path,
-                             progress=False, on_progress=stop)
+        extract_causal_basis(
+            tiny_llama,
+            tuned,
+            [1, 2],
+            cfg,
+            str(corpus_dir),
+            out=tmp_path,
+            progress=False,
+            on_progress=stop,
+        )
     kept = load_bases(tmp_path)
     assert sorted(kept) == [1] and torch.equal(kept[1].basis, bases[1].basis)

@@ -9,8 +9,19 @@ from lenskit.cli import main
 
 def test_trajectory_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "t.json"
-    code = main(["trajectory", "--model", "tiny-llama", "--prompt", "Hello", "--target", "o",
-                 "--json", str(out)])
+    code = main(
+        [
+            "trajectory",
+            "--model",
+            "tiny-llama",
+            "--prompt",
+            "Hello",
+            "--target",
+            "o",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "output" in printed and "p('o')" in printed
@@ -39,9 +50,21 @@ def test_bad_input_is_one_line_exit_2(args, message, capsys, monkeypatch):
 
 def test_console_script_has_no_traceback():
     proc = subprocess.run(
-        [sys.executable, "-m", "lenskit.cli", "trajectory", "--model", "tiny-llama",
-         "--prompt", "x", "--lens", "nope"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "lenskit.cli",
+            "trajectory",
+            "--model",
+            "tiny-llama",
+            "--prompt",
+            "x",
+            "--lens",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown lens kind" in proc.stderr
@@ -50,8 +73,19 @@ def test_console_script_has_no_traceback():
 @pytest.mark.slow
 def test_paris_on_the_default_model(tmp_path, capsys):
     out = tmp_path / "out.json"
-    code = main(["trajectory", "--model", "smollm2-135m", "--lens", "logit",
-                 "--prompt", "The capital of France is", "--json", str(out)])
+    code = main(
+        [
+            "trajectory",
+            "--model",
+            "smollm2-135m",
+            "--lens",
+            "logit",
+            "--prompt",
+            "The capital of France is",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads(out.read_text())
     last = [c for c in data["cells"] if c["layer_label"] == "output"][-1]

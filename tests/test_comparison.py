@@ -204,8 +204,7 @@ def test_compare_equals_separate_trajectories_and_divergence(
 ):
     other = RotatedLens.from_model(model, skip=None, seed=3).eval()
     lenses = [logit, rotated, other]
-    result = lenskit.comparison.compare(model, lenses, PROMPT, pair=pair, target="t",
-                                        top_k=3)
+    result = lenskit.comparison.compare(model, lenses, PROMPT, pair=pair, target="t", top_k=3)
     for lens, got in zip(lenses, result.trajectories, strict=True):
         want = lenskit.trajectory(model, lens, PROMPT, target="t", top_k=3)
         assert got.lens_kind == want.lens_kind and got.top_tokens == want.top_tokens
@@ -244,8 +243,9 @@ def _held(n_rows: int, n_pos: int) -> torch.Tensor:
 
 def test_some_cells_equal_those_cells_of_the_full_trajectory(model: Any, rotated: Lens):
     full = lenskit.trajectory(model, rotated, PROMPT, target="t", top_k=3)
-    some = lenskit.trajectory(model, rotated, PROMPT, target="t", top_k=3, rows=ROWS,
-                              positions=POSITIONS)
+    some = lenskit.trajectory(
+        model, rotated, PROMPT, target="t", top_k=3, rows=ROWS, positions=POSITIONS
+    )
     assert full.n_layers == 5  # tiny-llama: 4 blocks and the output row
     held = _held(full.n_layers, len(full.tokens))
     assert some.cells.rows == tuple(ROWS) and (some.cells.start, some.cells.stop) == POSITIONS
@@ -258,20 +258,22 @@ def test_some_cells_equal_those_cells_of_the_full_trajectory(model: Any, rotated
     frame = some.to_frame()
     assert len(frame) == len(ROWS) * (POSITIONS[1] - POSITIONS[0])
     assert set(frame["layer"]) == set(ROWS) and set(frame["pos"]) == set(range(*POSITIONS))
-    want_frame = full.to_frame().set_index(["layer", "pos"]).loc[
-        frame.set_index(["layer", "pos"]).index]
+    want_frame = (
+        full.to_frame().set_index(["layer", "pos"]).loc[frame.set_index(["layer", "pos"]).index]
+    )
     np.testing.assert_allclose(frame["entropy_bits"], want_frame["entropy_bits"], rtol=1e-5)
 
 
-def test_compare_of_some_cells_equals_the_full_compare_there(model: Any, logit: Lens,
-                                                             rotated: Lens):
+def test_compare_of_some_cells_equals_the_full_compare_there(
+    model: Any, logit: Lens, rotated: Lens
+):
     full = lenskit.comparison.compare(model, [logit, rotated], PROMPT, top_k=3)
-    some = lenskit.comparison.compare(model, [logit, rotated], PROMPT, top_k=3, rows=ROWS,
-                                      positions=POSITIONS)
+    some = lenskit.comparison.compare(
+        model, [logit, rotated], PROMPT, top_k=3, rows=ROWS, positions=POSITIONS
+    )
     held = _held(full.trajectories[0].n_layers, len(full.trajectories[0].tokens))
     for got, want in zip(some.trajectories, full.trajectories, strict=True):
-        torch.testing.assert_close(got.kl_to_final[held], want.kl_to_final[held],
-                                   equal_nan=True)
+        torch.testing.assert_close(got.kl_to_final[held], want.kl_to_final[held], equal_nan=True)
         assert got.kl_to_final[~held].isnan().all()
     for name in ("kl", "js", "tv"):
         got, want = getattr(some.divergence, name), getattr(full.divergence, name)
@@ -287,13 +289,15 @@ def test_compare_of_some_cells_equals_the_full_compare_there(model: Any, logit: 
 
 
 def test_plots_refuse_cells_that_were_not_computed(model: Any, logit: Lens, rotated: Lens):
-    some = lenskit.comparison.compare(model, [logit, rotated], PROMPT, rows=[0, 2, 4],
-                                      positions=POSITIONS)
+    some = lenskit.comparison.compare(
+        model, [logit, rotated], PROMPT, rows=[0, 2, 4], positions=POSITIONS
+    )
     traj = some.trajectories[0]
     fig = lenskit.plotting.trajectory_heatmap(traj, layer_stride=2, token_range=POSITIONS)
     assert fig.data[0].z.shape == (3, POSITIONS[1] - POSITIONS[0])
-    lenskit.plotting.compare_heatmaps(list(some.trajectories), layer_stride=2,
-                                      token_range=POSITIONS)
+    lenskit.plotting.compare_heatmaps(
+        list(some.trajectories), layer_stride=2, token_range=POSITIONS
+    )
     lenskit.plotting.divergence_heatmap(some.divergence, layer_stride=2, token_range=POSITIONS)
     with pytest.raises(LenskitError, match=r"positions 3\.\.8 only"):
         lenskit.plotting.trajectory_heatmap(traj, layer_stride=2)
@@ -305,8 +309,12 @@ def test_plots_refuse_cells_that_were_not_computed(model: Any, logit: Lens, rota
 
 @pytest.mark.parametrize(
     ("rows", "positions", "match"),
-    [([], None, "no rows"), ([7], None, "outside 0..4"),
-     (None, (4, 4), "select no positions"), (None, (0, 99), "select no positions")],
+    [
+        ([], None, "no rows"),
+        ([7], None, "outside 0..4"),
+        (None, (4, 4), "select no positions"),
+        (None, (0, 99), "select no positions"),
+    ],
 )
 def test_bad_cells_are_refused(model: Any, logit: Lens, rows, positions, match):
     with pytest.raises(LenskitError, match=match):

@@ -19,9 +19,9 @@ from lenskit import cli, plotting
 from lenskit.commands import eval as eval_cmd
 from lenskit.data import Corpus, TokenChunks
 from lenskit.errors import LenskitError
-from lenskit.eval_stats import COLUMNS, METRICS, PER_BYTE, ChunkMoments
 from lenskit.evaluation import eval_chunks, evaluate
-from lenskit.layer_kl import layer_kl
+from lenskit.evaluation.layer_kl import layer_kl
+from lenskit.evaluation.results import COLUMNS, METRICS, PER_BYTE, ChunkMoments
 from lenskit.lenses.jacobian import JLens
 from lenskit.lenses.tuned import TunedLens
 
@@ -75,13 +75,20 @@ def brute_force(model, translators, tokens):
 
 def test_every_metric_matches_a_float64_brute_force(tiny_llama, chunks):
     tuned = randomised(tiny_llama)
-    result = evaluate(tiny_llama, {"logit": lenskit.get_lens("logit", tiny_llama),
-                                   "tuned": tuned}, chunks, tokens=chunks.n_tokens,
-                      batch_size=2, progress=False)
+    result = evaluate(
+        tiny_llama,
+        {"logit": lenskit.get_lens("logit", tiny_llama), "tuned": tuned},
+        chunks,
+        tokens=chunks.n_tokens,
+        batch_size=2,
+        progress=False,
+    )
     model64 = lenskit.load_model("tiny-llama", dtype="float64")
     w = {k: v.double() for k, v in tuned.translator_state().items()}
-    moves = {"logit": lambda h, i: h,
-             "tuned": lambda h, i: h + h @ w[f"{i}.weight"].T + w[f"{i}.bias"]}
+    moves = {
+        "logit": lambda h, i: h,
+        "tuned": lambda h, i: h + h @ w[f"{i}.weight"].T + w[f"{i}.bias"],
+    }
     with torch.no_grad():
         expected = brute_force(model64, moves, chunks.tokens)
     frame = result.to_frame().set_index(["lens", "layer"])
@@ -93,7 +100,8 @@ def test_every_metric_matches_a_float64_brute_force(tiny_llama, chunks):
     for metric in PER_BYTE:
         for suffix in ("", "_se"):
             assert frame[f"{metric}_per_byte{suffix}"].tolist() == pytest.approx(
-                (frame[f"{metric}{suffix}"] * ratio).tolist(), nan_ok=True)
+                (frame[f"{metric}{suffix}"] * ratio).tolist(), nan_ok=True
+            )
     model_row = frame.loc[("model", 4)]
     assert (model_row.kl_bits, model_row.top1_agree, model_row.layer_label) == (0, 1, "output")
     assert result.tokens == 5 * SEQ and result.scored_tokens == 5 * (SEQ - 1)
@@ -101,9 +109,13 @@ def test_every_metric_matches_a_float64_brute_force(tiny_llama, chunks):
 
 
 def test_untrained_tuned_lens_scores_exactly_as_the_logit_lens(tiny_llama, chunks):
-    result = evaluate(tiny_llama, {"logit": lenskit.get_lens("logit", tiny_llama),
-                                   "zero": TunedLens.untrained(tiny_llama)},
-                      chunks, tokens=chunks.n_tokens, progress=False)
+    result = evaluate(
+        tiny_llama,
+        {"logit": lenskit.get_lens("logit", tiny_llama), "zero": TunedLens.untrained(tiny_llama)},
+        chunks,
+        tokens=chunks.n_tokens,
+        progress=False,
+    )
     frame = result.to_frame()
     numbers = [c for c in COLUMNS if c not in ("lens", "kind", "objective", "note")]
     logit = frame[frame.lens == "logit"][numbers].reset_index(drop=True)
@@ -117,10 +129,10 @@ def test_untrained_tuned_lens_scores_exactly_as_the_logit_lens(tiny_llama, chunk
 
 def test_batch_size_does_not_change_the_numbers(tiny_llama, chunks):
     lenses = [lenskit.get_lens("logit", tiny_llama)]
-    one = evaluate(tiny_llama, lenses, chunks, tokens=3 * SEQ, batch_size=1,
-                   progress=False).metrics
-    three = evaluate(tiny_llama, lenses, chunks, tokens=3 * SEQ, batch_size=2,
-                     progress=False).metrics
+    one = evaluate(tiny_llama, lenses, chunks, tokens=3 * SEQ, batch_size=1, progress=False).metrics
+    three = evaluate(
+        tiny_llama, lenses, chunks, tokens=3 * SEQ, batch_size=2, progress=False
+    ).metrics
     cols = [f"{m}{s}" for m in METRICS for s in ("", "_se")]
     assert one[cols].to_numpy() == pytest.approx(three[cols].to_numpy(), abs=1e-6)
     assert list(one.columns) == list(COLUMNS) and len(one) == 4 + 1
@@ -140,9 +152,13 @@ def test_chunk_moments_merge_batches_exactly():
 
 
 def test_jacobian_lens_uncovered_layers_are_nan_with_a_note(tiny_llama, chunks):
-    result = evaluate(tiny_llama, {"logit": lenskit.get_lens("logit", tiny_llama),
-                                   "jlens": JLens.identity(tiny_llama)},
-                      chunks, tokens=chunks.n_tokens, progress=False)
+    result = evaluate(
+        tiny_llama,
+        {"logit": lenskit.get_lens("logit", tiny_llama), "jlens": JLens.identity(tiny_llama)},
+        chunks,
+        tokens=chunks.n_tokens,
+        progress=False,
+    )
     frame = result.to_frame()
     jl = frame[frame.lens == "jlens"].set_index("layer")
     assert jl.loc[0, list(METRICS)].isna().all() and not jl.loc[0, "covered"]
@@ -150,8 +166,9 @@ def test_jacobian_lens_uncovered_layers_are_nan_with_a_note(tiny_llama, chunks):
     assert jl.note.str.contains("not trained to minimise KL").all()
     assert "not trained to minimise KL" in frame.attrs["notes"]["jlens"]
     logit = frame[frame.lens == "logit"].set_index("layer")
-    assert jl.loc[1:, "kl_bits"].tolist() == pytest.approx(logit.loc[1:, "kl_bits"].tolist(),
-                                                           abs=1e-5)
+    assert jl.loc[1:, "kl_bits"].tolist() == pytest.approx(
+        logit.loc[1:, "kl_bits"].tolist(), abs=1e-5
+    )
     # what each lens was fitted for: only the tuned lens is trained to match the output
     assert set(jl.objective) == {"average_jacobian"} and set(logit.objective) == {"none"}
     assert result.lenses["jlens"]["objective"] == "average_jacobian"
@@ -220,8 +237,14 @@ def test_memory_stays_flat_as_the_token_count_grows():
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     n = 8192
-    run = subprocess.run([sys.executable, "-c", _FLAT_MEMORY_SCRIPT, str(n)], env=env,
-                         capture_output=True, text=True, timeout=600, check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", _FLAT_MEMORY_SCRIPT, str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     growth = {int(k): v for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
     # keeping ~170 bytes or more per token would add > 4 MB over the 3N more tokens
@@ -230,9 +253,14 @@ def test_memory_stays_flat_as_the_token_count_grows():
 
 def test_transfer_matrix(tiny_llama, chunks):
     tuned = randomised(tiny_llama)
-    result = evaluate(tiny_llama, {"logit": lenskit.get_lens("logit", tiny_llama),
-                                   "tuned": tuned}, chunks, tokens=2 * SEQ, transfer=True,
-                      progress=False)
+    result = evaluate(
+        tiny_llama,
+        {"logit": lenskit.get_lens("logit", tiny_llama), "tuned": tuned},
+        chunks,
+        tokens=2 * SEQ,
+        transfer=True,
+        progress=False,
+    )
     matrix = result.transfer_matrix("tuned")
     assert matrix.shape == (4, 4) and set(result.transfer.lens) == {"tuned"}
     kl = result.metrics.set_index(["lens", "layer"]).kl_bits
@@ -248,8 +276,14 @@ def test_transfer_matrix(tiny_llama, chunks):
     by_hand = ((lp.exp() * (lp - lq)).sum(-1).mean() / math.log(2)).item()
     assert matrix.loc[2, 0] == pytest.approx(by_hand, abs=1e-5)
     with pytest.raises(LenskitError, match="transfer needs a tuned lens"):
-        evaluate(tiny_llama, [lenskit.get_lens("logit", tiny_llama)], chunks, tokens=SEQ,
-                 transfer=True, progress=False)
+        evaluate(
+            tiny_llama,
+            [lenskit.get_lens("logit", tiny_llama)],
+            chunks,
+            tokens=SEQ,
+            transfer=True,
+            progress=False,
+        )
 
 
 def test_bad_input_is_one_line_lenskit_error(tiny_llama, tiny_gpt2, chunks, tmp_path):
@@ -296,8 +330,9 @@ def cli_env(tiny_llama, tmp_path, monkeypatch):
 
 
 def run_cli(capsys, *args):
-    code = cli.main(["eval", "--model", "tiny-llama", "--seq-len", str(SEQ), "--quiet",
-                     "--no-png", *args])
+    code = cli.main(
+        ["eval", "--model", "tiny-llama", "--seq-len", str(SEQ), "--quiet", "--no-png", *args]
+    )
     out, err = capsys.readouterr()
     return code, out, err.strip().splitlines()
 
@@ -305,7 +340,10 @@ def run_cli(capsys, *args):
 def test_lens_names_from_specs():
     assert eval_cmd.lens_names(None) == {"logit": "logit"}
     assert eval_cmd.lens_names(["a=tuned:/x", "tuned:/y=z", "logit"]) == {
-        "a": "tuned:/x", "tuned": "tuned:/y=z", "logit": "logit"}
+        "a": "tuned:/x",
+        "tuned": "tuned:/y=z",
+        "logit": "logit",
+    }
     with pytest.raises(LenskitError, match="duplicate lens name 'tuned'"):
         eval_cmd.lens_names(["tuned:/x", "tuned:/y"])
     with pytest.raises(LenskitError, match="reference row"):
@@ -314,13 +352,23 @@ def test_lens_names_from_specs():
 
 def test_cli_writes_every_output(cli_env, capsys):
     out = cli_env / "run"
-    code, printed, _ = run_cli(capsys, "--lens", "logit", "--lens", f"tuned:{cli_env / 'lens'}",
-                               "--data", str(cli_env / "data.txt"), "--tokens", "96",
-                               "--out", str(out), "--transfer")
+    code, printed, _ = run_cli(
+        capsys,
+        "--lens",
+        "logit",
+        "--lens",
+        f"tuned:{cli_env / 'lens'}",
+        "--data",
+        str(cli_env / "data.txt"),
+        "--tokens",
+        "96",
+        "--out",
+        str(out),
+        "--transfer",
+    )
     assert code == 0 and "tuned KL" in printed and "tokens/s" in printed
     files = {p.name for p in out.iterdir()}
-    assert files == {"metrics.csv", "metrics.json", "transfer.csv",
-                     *(f"{m}.html" for m in METRICS)}
+    assert files == {"metrics.csv", "metrics.json", "transfer.csv", *(f"{m}.html" for m in METRICS)}
     meta = json.loads((out / "metrics.json").read_text())
     assert meta["model"] == "tiny-llama" and meta["tokens"] == 96 and meta["seq_len"] == SEQ
     assert meta["lenses"]["tuned"]["source"] == str(cli_env / "lens")
@@ -330,8 +378,10 @@ def test_cli_writes_every_output(cli_env, capsys):
     assert list(csv.columns) == list(COLUMNS) and len(csv) == 9
     assert len(pd.read_csv(out / "transfer.csv")) == 16
     # a second run replaces the first; no temporary folders are left beside it
-    assert run_cli(capsys, "--data", str(cli_env / "data.txt"), "--tokens", "64", "--out",
-                   str(out))[0] == 0
+    assert (
+        run_cli(capsys, "--data", str(cli_env / "data.txt"), "--tokens", "64", "--out", str(out))[0]
+        == 0
+    )
     assert json.loads((out / "metrics.json").read_text())["tokens"] == 64
     assert not (out / "transfer.csv").exists()
     assert sorted(p.name for p in cli_env.iterdir()) == ["data.txt", "lens", "run"]
@@ -353,8 +403,12 @@ def test_cli_bad_input_exits_2_and_writes_nothing(cli_env, tiny_gpt2, capsys, ar
     (cli_env / "empty.txt").write_text("")
     (cli_env / "busy").mkdir()
     (cli_env / "busy" / "keep.txt").write_text("mine")
-    paths = {"gpt2": cli_env / "gpt2", "lens": cli_env / "lens", "empty": cli_env / "empty.txt",
-             "busy": cli_env / "busy"}
+    paths = {
+        "gpt2": cli_env / "gpt2",
+        "lens": cli_env / "lens",
+        "empty": cli_env / "empty.txt",
+        "busy": cli_env / "busy",
+    }
     args = [a.format(**paths) for a in args]
     base = {"--data": str(cli_env / "data.txt"), "--tokens": "64", "--out": str(cli_env / "o")}
     for i in range(0, len(args), 2):
@@ -377,8 +431,9 @@ def test_interrupted_write_leaves_no_results(cli_env, capsys, monkeypatch):
         return path
 
     monkeypatch.setattr(eval_cmd, "save_figure", failing)
-    code, _, err = run_cli(capsys, "--data", str(cli_env / "data.txt"), "--tokens", "64",
-                           "--out", str(cli_env / "o"))
+    code, _, err = run_cli(
+        capsys, "--data", str(cli_env / "data.txt"), "--tokens", "64", "--out", str(cli_env / "o")
+    )
     assert code == 130 and "interrupted" in err[0]
     assert not (cli_env / "o").exists()
     assert not [p for p in cli_env.iterdir() if p.name.startswith(".")]
@@ -393,9 +448,22 @@ def test_png_is_skipped_with_a_note_without_a_browser(cli_env, monkeypatch, caps
         return real(fig, path, **kw)
 
     monkeypatch.setattr(eval_cmd, "save_figure", no_browser)
-    code = cli.main(["eval", "--model", "tiny-llama", "--seq-len", str(SEQ), "--quiet",
-                     "--data", str(cli_env / "data.txt"), "--tokens", "64",
-                     "--out", str(cli_env / "o")])
+    code = cli.main(
+        [
+            "eval",
+            "--model",
+            "tiny-llama",
+            "--seq-len",
+            str(SEQ),
+            "--quiet",
+            "--data",
+            str(cli_env / "data.txt"),
+            "--tokens",
+            "64",
+            "--out",
+            str(cli_env / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0 and err.count("skipped PNG") == 1
     names = {p.name for p in (cli_env / "o").iterdir()}
@@ -414,8 +482,7 @@ def test_shipped_tuned_lens_beats_the_logit_lens_on_smollm2(smollm2):
     lenses = {"logit": lenskit.get_lens("logit", smollm2), "tuned": tuned}
     with contextlib.suppress(LenskitError):  # the J-lens, where this checkout ships it
         lenses["jacobian"] = lenskit.get_lens("jacobian", smollm2)
-    result = evaluate(smollm2, lenses, None, tokens=128, seq_len=64, batch_size=2,
-                      progress=False)
+    result = evaluate(smollm2, lenses, None, tokens=128, seq_len=64, batch_size=2, progress=False)
     kl = result.metrics.pivot(index="layer", columns="lens", values="kl_bits")
     last = smollm2.cfg.n_layers - 1
     assert (kl.loc[: last - 1, "tuned"] < kl.loc[: last - 1, "logit"]).all(), kl

@@ -16,12 +16,13 @@ import torch
 from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
 
 import lenskit
-from lenskit import cli, jacobian_fit
+from lenskit import cli
 from lenskit.commands.trajectory import format_table
 from lenskit.errors import LenskitError
-from lenskit.jacobian_fit import PROGRESS_KEY, fit_jacobian_lens, partial_path
 from lenskit.lenses.jacobian import JLens, shipped_jlens_path
 from lenskit.residual import capture, tokenize
+from lenskit.training import jacobian as jacobian_fit
+from lenskit.training.jacobian import PROGRESS_KEY, fit_jacobian_lens, partial_path
 
 PROMPT = "The Jacobian lens reads every layer through the final residual."
 PROMPTS = [
@@ -36,8 +37,9 @@ SEQ = 32  # tokens per prompt: 16 skipped, 15 averaged
 def fitted(tiny_llama, tmp_path_factory) -> JLens:
     """A lens fitted by lenskit on two prompts, stored in fp32."""
     out = tmp_path_factory.mktemp("fit") / "lens.pt"
-    return fit_jacobian_lens(tiny_llama, PROMPTS, n_prompts=2, seq_len=SEQ, out=out,
-                             progress=False, dtype=torch.float32)
+    return fit_jacobian_lens(
+        tiny_llama, PROMPTS, n_prompts=2, seq_len=SEQ, out=out, progress=False, dtype=torch.float32
+    )
 
 
 def rows_of(model, prompt: str = PROMPT) -> torch.Tensor:
@@ -91,13 +93,15 @@ def test_readout_equals_transformer_lens_readout(tiny_llama, fitted):
 
 
 def test_incremental_fit_equals_one_transformer_lens_fit(tiny_llama, fitted):
-    joint = TLJacobianLens.fit(tiny_llama, PROMPTS[:2], corpus="prompts", max_seq_len=SEQ,
-                               show_progress=False)
+    joint = TLJacobianLens.fit(
+        tiny_llama, PROMPTS[:2], corpus="prompts", max_seq_len=SEQ, show_progress=False
+    )
     assert fitted.n_prompts == joint.n_prompts == 2
     assert fitted.tl.source_layers == joint.source_layers == [0, 1, 2]
     for layer in joint.source_layers:
-        torch.testing.assert_close(fitted.tl.jacobians[layer], joint.jacobians[layer],
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            fitted.tl.jacobians[layer], joint.jacobians[layer], atol=1e-6, rtol=1e-5
+        )
     assert not torch.allclose(joint.jacobians[0], torch.eye(64), atol=1e-2)  # a real fit
     progress = fitted.metadata[PROGRESS_KEY]
     assert progress["prompts_done"] == 2 and len(progress["seconds_per_prompt"]) == 2
@@ -130,14 +134,17 @@ def test_lenskit_artifact_loads_with_transformer_lens(tiny_llama, fitted, tmp_pa
     assert sorted(readout.lens_topk_indices) == [0, 1, 2, 3]
 
 
-def test_lenskit_fit_read_back_by_transformer_lens_gives_the_same_readout(tiny_llama, fitted,
-                                                                          tmp_path):
+def test_lenskit_fit_read_back_by_transformer_lens_gives_the_same_readout(
+    tiny_llama, fitted, tmp_path
+):
     """TransformerLens's own ``JacobianLens.load`` + ``readout`` on lenskit-written files."""
     tokens = tokenize(tiny_llama, PROMPT)
     rows = rows_of(tiny_llama)
     fitted.save(tmp_path / "half.pt")  # the shipped format: fp16
-    for file, lens in ((fitted.source, fitted), (tmp_path / "half.pt",
-                                                  JLens.load(tiny_llama, tmp_path / "half.pt"))):
+    for file, lens in (
+        (fitted.source, fitted),
+        (tmp_path / "half.pt", JLens.load(tiny_llama, tmp_path / "half.pt")),
+    ):
         tl = TLJacobianLens.load(str(file))  # no lenskit in between
         assert tl.source_layers == [0, 1, 2] and tl.n_prompts == 2
         assert tl.metadata["model_name"] == tiny_llama.cfg.model_name == "tiny-llama"
@@ -158,15 +165,24 @@ def test_shipped_lens_records_the_portable_model_name():
 
 
 def test_transformer_lens_artifacts_and_reference_checkpoints_load(tiny_llama, tmp_path):
-    tl = TLJacobianLens.fit(tiny_llama, PROMPTS[:1], corpus="x", max_seq_len=SEQ,
-                            source_layers=[1], show_progress=False)
+    tl = TLJacobianLens.fit(
+        tiny_llama, PROMPTS[:1], corpus="x", max_seq_len=SEQ, source_layers=[1], show_progress=False
+    )
     tl.save(str(tmp_path / "tl.pt"))
     lens = JLens.load(tiny_llama, tmp_path / "tl.pt")
     assert lens.covered_layers() == [2, 4]
     d = 64  # the reference package's running-sum checkpoint, no metadata at all
-    torch.save({"jacobian_sum": {0: 3 * torch.eye(d), 2: torch.ones(d, d)}, "n_done": 3,
-                "next_idx": 3, "source_layers": [0, 2], "target_layer": 3, "skip_first": 16},
-               tmp_path / "ckpt.pt")
+    torch.save(
+        {
+            "jacobian_sum": {0: 3 * torch.eye(d), 2: torch.ones(d, d)},
+            "n_done": 3,
+            "next_idx": 3,
+            "source_layers": [0, 2],
+            "target_layer": 3,
+            "skip_first": 16,
+        },
+        tmp_path / "ckpt.pt",
+    )
     ckpt = JLens.load(tiny_llama, tmp_path / "ckpt.pt")
     assert ckpt.covered_layers() == [1, 3, 4] and ckpt.n_prompts == 3
     assert torch.equal(ckpt.tl.jacobians[0], torch.eye(d))
@@ -174,8 +190,12 @@ def test_transformer_lens_artifacts_and_reference_checkpoints_load(tiny_llama, t
 
 def test_portable_model_names(tiny_llama, fitted, tmp_path):
     """A lens fitted on a cached folder loads where the folder lives elsewhere."""
-    tl = TLJacobianLens(fitted.tl.jacobians, n_prompts=2, d_model=64,
-                        metadata={"model_name": "/elsewhere/models/tiny-llama"})
+    tl = TLJacobianLens(
+        fitted.tl.jacobians,
+        n_prompts=2,
+        d_model=64,
+        metadata={"model_name": "/elsewhere/models/tiny-llama"},
+    )
     tl.save(str(tmp_path / "moved.pt"))
     lens = JLens.load(tiny_llama, tmp_path / "moved.pt")
     assert lens.metadata["model_name"] == "/elsewhere/models/tiny-llama"
@@ -189,8 +209,9 @@ def test_portable_model_names(tiny_llama, fitted, tmp_path):
 
 
 def test_uncovered_rows_error_and_show_in_trajectories(tiny_llama, fitted):
-    partial = JLens.from_tl(tiny_llama, TLJacobianLens(
-        {1: fitted.tl.jacobians[1]}, n_prompts=2, d_model=64))
+    partial = JLens.from_tl(
+        tiny_llama, TLJacobianLens({1: fitted.tl.jacobians[1]}, n_prompts=2, d_model=64)
+    )
     assert partial.covered_layers() == [2, 4]
     for row in (0, 1, 3):
         assert not partial.covers(row)
@@ -242,22 +263,32 @@ def _write_bad(folder: Path, how: str, good: dict) -> Path:
     elif how == "nan":
         payload["J"][2] = torch.full((64, 64), math.nan)
     elif how == "model":
-        payload["metadata"] = {**payload["metadata"], "lenskit": {"model": "gemma-2-2b"},
-                               "model_name": "google/gemma-2-2b"}
+        payload["metadata"] = {
+            **payload["metadata"],
+            "lenskit": {"model": "gemma-2-2b"},
+            "model_name": "google/gemma-2-2b",
+        }
     elif how == "target":
         payload["metadata"] = {**payload["metadata"], "target_layer": 11}
     torch.save(payload, file)
     return file
 
 
-@pytest.mark.parametrize(("how", "message"), [
-    ("garbage", "is not a readable J-lens"), ("truncated", "is not a readable J-lens"),
-    ("code", "is not a readable J-lens"), ("no-J", "is not a readable J-lens"),
-    ("d_model", "fitted for d_model 32, this model .tiny-llama. has 64"),
-    ("shape", "is not a readable J-lens"), ("layers", r"block outputs \[7\], outside 0..2"),
-    ("nan", "NaN or inf in layer 2"), ("model", "fitted for gemma-2-2b, not this model"),
-    ("target", "a model with 12 layers, this model .tiny-llama. has 4"),
-])
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("garbage", "is not a readable J-lens"),
+        ("truncated", "is not a readable J-lens"),
+        ("code", "is not a readable J-lens"),
+        ("no-J", "is not a readable J-lens"),
+        ("d_model", "fitted for d_model 32, this model .tiny-llama. has 64"),
+        ("shape", "is not a readable J-lens"),
+        ("layers", r"block outputs \[7\], outside 0..2"),
+        ("nan", "NaN or inf in layer 2"),
+        ("model", "fitted for gemma-2-2b, not this model"),
+        ("target", "a model with 12 layers, this model .tiny-llama. has 4"),
+    ],
+)
 def test_bad_files_raise_one_line_errors(tiny_llama, fitted, tmp_path, how, message):
     fitted.save(tmp_path / "good.pt")
     good = torch.load(tmp_path / "good.pt", weights_only=True)
@@ -268,8 +299,11 @@ def test_bad_files_raise_one_line_errors(tiny_llama, fitted, tmp_path, how, mess
 
 
 def test_missing_lenses_say_how_to_fit_one(tiny_llama, tmp_path):
-    with pytest.raises(LenskitError, match="no J-lens is shipped for tiny-llama: fit one with "
-                       "`lenskit fit-jacobian --model tiny-llama") as err:
+    with pytest.raises(
+        LenskitError,
+        match="no J-lens is shipped for tiny-llama: fit one with "
+        "`lenskit fit-jacobian --model tiny-llama",
+    ) as err:
         lenskit.get_lens("jacobian", tiny_llama)
     one_line(err)
     with pytest.raises(LenskitError, match=r"no J-lens file at .*lenskit fit-jacobian"):
@@ -289,8 +323,9 @@ def test_lens_for_another_model_is_refused(tiny_gpt2, fitted, tmp_path):
 # --- fitting ----------------------------------------------------------------------------
 
 
-def test_interrupted_fit_resumes_to_the_same_lens(tiny_llama, fitted, tmp_path, monkeypatch,
-                                                  capsys):
+def test_interrupted_fit_resumes_to_the_same_lens(
+    tiny_llama, fitted, tmp_path, monkeypatch, capsys
+):
     real, calls = jacobian_fit._fit_one, []
 
     def interrupt_second(*args, **kwargs):
@@ -302,15 +337,17 @@ def test_interrupted_fit_resumes_to_the_same_lens(tiny_llama, fitted, tmp_path, 
     monkeypatch.setattr(jacobian_fit, "_fit_one", interrupt_second)
     out = tmp_path / "lens.pt"
     with pytest.raises(KeyboardInterrupt):
-        fit_jacobian_lens(tiny_llama, PROMPTS, n_prompts=2, seq_len=SEQ, out=out,
-                          dtype=torch.float32)
+        fit_jacobian_lens(
+            tiny_llama, PROMPTS, n_prompts=2, seq_len=SEQ, out=out, dtype=torch.float32
+        )
     assert "kept 1 finished prompts" in capsys.readouterr().err
     assert not out.exists()
     kept = TLJacobianLens.load(str(partial_path(out)))
     assert kept.n_prompts == 1 and kept.metadata[PROGRESS_KEY]["prompts_done"] == 1
     monkeypatch.setattr(jacobian_fit, "_fit_one", real)
-    lens = fit_jacobian_lens(tiny_llama, PROMPTS, n_prompts=2, seq_len=SEQ, out=out,
-                             progress=False, dtype=torch.float32)
+    lens = fit_jacobian_lens(
+        tiny_llama, PROMPTS, n_prompts=2, seq_len=SEQ, out=out, progress=False, dtype=torch.float32
+    )
     assert not partial_path(out).exists() and lens.n_prompts == 2
     for layer, matrix in fitted.tl.jacobians.items():
         torch.testing.assert_close(lens.tl.jacobians[layer], matrix, atol=1e-6, rtol=1e-6)
@@ -318,15 +355,18 @@ def test_interrupted_fit_resumes_to_the_same_lens(tiny_llama, fitted, tmp_path, 
 
 def test_fit_extends_and_refuses_other_settings(tiny_llama, tmp_path):
     out = tmp_path / "lens.pt"
-    one = fit_jacobian_lens(tiny_llama, PROMPTS, n_prompts=1, seq_len=SEQ, out=out,
-                            progress=False, dtype=torch.float32)
+    one = fit_jacobian_lens(
+        tiny_llama, PROMPTS, n_prompts=1, seq_len=SEQ, out=out, progress=False, dtype=torch.float32
+    )
     first = one.tl.jacobians[0].clone()
-    three = fit_jacobian_lens(tiny_llama, PROMPTS, n_prompts=3, seq_len=SEQ, out=out,
-                              progress=False, dtype=torch.float32)
+    three = fit_jacobian_lens(
+        tiny_llama, PROMPTS, n_prompts=3, seq_len=SEQ, out=out, progress=False, dtype=torch.float32
+    )
     assert three.n_prompts == 3 and three.metadata[PROGRESS_KEY]["prompts_done"] == 3
     assert not torch.allclose(three.tl.jacobians[0], first)
-    same = fit_jacobian_lens(tiny_llama, PROMPTS, n_prompts=3, seq_len=SEQ, out=out,
-                             progress=False)  # nothing left to do
+    same = fit_jacobian_lens(
+        tiny_llama, PROMPTS, n_prompts=3, seq_len=SEQ, out=out, progress=False
+    )  # nothing left to do
     assert torch.equal(same.tl.jacobians[0], three.tl.jacobians[0])
     cases = [
         (dict(n_prompts=2), "already holds a fit on 3 prompts"),
@@ -335,24 +375,30 @@ def test_fit_extends_and_refuses_other_settings(tiny_llama, tmp_path):
     ]
     for changes, message in cases:
         with pytest.raises(LenskitError, match=message) as err:
-            fit_jacobian_lens(tiny_llama, PROMPTS, out=out, progress=False,
-                              **{"seq_len": SEQ, **changes})
+            fit_jacobian_lens(
+                tiny_llama, PROMPTS, out=out, progress=False, **{"seq_len": SEQ, **changes}
+            )
         one_line(err)
     with pytest.raises(LenskitError, match="first 3 prompts differ"):
-        fit_jacobian_lens(tiny_llama, PROMPTS[::-1], n_prompts=3, seq_len=SEQ, out=out,
-                          progress=False)
+        fit_jacobian_lens(
+            tiny_llama, PROMPTS[::-1], n_prompts=3, seq_len=SEQ, out=out, progress=False
+        )
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(n_prompts=0), "n_prompts must be >= 1"),
-    (dict(n_prompts=1, seq_len=10), "seq_len 10 must be in 18..128"),
-    (dict(n_prompts=1, seq_len=500), "seq_len 500 must be in 18..128"),
-    (dict(n_prompts=4), "3 prompts given, 4 asked for"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(n_prompts=0), "n_prompts must be >= 1"),
+        (dict(n_prompts=1, seq_len=10), "seq_len 10 must be in 18..128"),
+        (dict(n_prompts=1, seq_len=500), "seq_len 500 must be in 18..128"),
+        (dict(n_prompts=4), "3 prompts given, 4 asked for"),
+    ],
+)
 def test_bad_fit_settings(tiny_llama, tmp_path, kwargs, message):
     with pytest.raises(LenskitError, match=message) as err:
-        fit_jacobian_lens(tiny_llama, PROMPTS, out=tmp_path / "x.pt", progress=False,
-                          **{"seq_len": SEQ, **kwargs})
+        fit_jacobian_lens(
+            tiny_llama, PROMPTS, out=tmp_path / "x.pt", progress=False, **{"seq_len": SEQ, **kwargs}
+        )
     one_line(err)
     with pytest.raises(LenskitError, match="prompt 0 is 4 tokens"):
         fit_jacobian_lens(tiny_llama, ["abc"], n_prompts=1, seq_len=SEQ, out=tmp_path / "y.pt")
@@ -367,13 +413,29 @@ def test_corpus_prompts_do_not_depend_on_their_number(tiny_llama, corpus_dir):
 
 def test_cli_fits_and_the_trajectory_reads_it(corpus_dir, tmp_path, capsys):
     out = tmp_path / "lens.pt"
-    argv = ["fit-jacobian", "--model", "tiny-llama", "--data", str(corpus_dir), "--prompts",
-            "1", "--seq-len", str(SEQ), "--out", str(out), "--quiet"]
+    argv = [
+        "fit-jacobian",
+        "--model",
+        "tiny-llama",
+        "--data",
+        str(corpus_dir),
+        "--prompts",
+        "1",
+        "--seq-len",
+        str(SEQ),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "1 prompts of 32 tokens, rows 1..4" in printed and f"wrote {out}" in printed
-    assert cli.main(["trajectory", "--model", "tiny-llama", "--lens", f"jacobian:{out}",
-                     "--prompt", PROMPT]) == 0
+    assert (
+        cli.main(
+            ["trajectory", "--model", "tiny-llama", "--lens", f"jacobian:{out}", "--prompt", PROMPT]
+        )
+        == 0
+    )
     assert "L0  (not covered by this lens)" in capsys.readouterr().out
     assert cli.main([*argv[:-5], "--seq-len", "8", "--out", str(out)]) == 2
     assert "seq_len 8 must be in 18..128" in capsys.readouterr().err
@@ -382,7 +444,7 @@ def test_cli_fits_and_the_trajectory_reads_it(corpus_dir, tmp_path, capsys):
 def test_compare_page_shows_logit_tuned_and_jacobian_by_default(tiny_llama, fitted, tmp_path):
     from streamlit.testing.v1 import AppTest
 
-    import app_state as S
+    import lenskit_app.state as S
     from lenskit.lenses.tuned import TunedLens
 
     TunedLens.untrained(tiny_llama).save(tmp_path / "tuned")
@@ -391,8 +453,10 @@ def test_compare_page_shows_logit_tuned_and_jacobian_by_default(tiny_llama, fitt
     at = AppTest.from_file(str(page), default_timeout=300)
     at.session_state[S.MODEL] = "tiny-llama"
     at.session_state[S.PROMPT] = "Hello there, friend"
-    at.session_state[S.LENS_PATHS] = {"tuned": str(tmp_path / "tuned"),
-                                      "jacobian": str(tmp_path / "jlens.pt")}
+    at.session_state[S.LENS_PATHS] = {
+        "tuned": str(tmp_path / "tuned"),
+        "jacobian": str(tmp_path / "jlens.pt"),
+    }
     at.run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
@@ -402,7 +466,8 @@ def test_compare_page_shows_logit_tuned_and_jacobian_by_default(tiny_llama, fitt
     assert [t["type"] for t in heatmaps["data"]] == ["heatmap"] * 3
     z = heatmaps["data"][2]["z"]  # plotly's typed array: base64 of the values
     jlens = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(
-        [int(n) for n in z["shape"].split(",")])
+        [int(n) for n in z["shape"].split(",")]
+    )
     assert np.isnan(jlens[0]).all() and not np.isnan(jlens[1:]).any()  # L0 blank, not logit
 
 
@@ -419,8 +484,7 @@ def test_shipped_smollm2_lens_reads_a_prompt(smollm2):
     traj = lenskit.trajectory(smollm2, lens, prompt, target=" Paris")
     assert not bool(traj.covered[0]) and bool(traj.covered[1:].all())
     assert float(traj.kl_to_final[30, -1]) < 1e-3
-    theirs = lens.tl.readout(smollm2, prompt, layers=[20], positions=[-1],
-                             return_full_logits=True)
+    theirs = lens.tl.readout(smollm2, prompt, layers=[20], positions=[-1], return_full_logits=True)
     rows = rows_of(smollm2, prompt)
     ours = lens(rows[21, -1:], 21)
     torch.testing.assert_close(ours, theirs.lens_logits[20], atol=1e-4, rtol=1e-4)
@@ -428,6 +492,5 @@ def test_shipped_smollm2_lens_reads_a_prompt(smollm2):
     # is the model's cfg.model_name, so validate_model passes with no lenskit override
     assert smollm2.cfg.model_name == "smollm2-135m"
     alone = TLJacobianLens.load(str(shipped_jlens_path("smollm2-135m")))
-    direct = alone.readout(smollm2, prompt, layers=[20], positions=[-1],
-                           return_full_logits=True)
+    direct = alone.readout(smollm2, prompt, layers=[20], positions=[-1], return_full_logits=True)
     torch.testing.assert_close(direct.lens_logits[20], theirs.lens_logits[20], atol=0, rtol=0)

@@ -73,8 +73,9 @@ def rotated(model: Any, lenses: tuple[Lens, Lens]) -> Trajectory:
 def hover_text(trace: Any, row: int, col: int) -> str:
     """The hover text Plotly shows for one cell: the template filled from customdata."""
     fields = trace.customdata[row][col]
-    text = re.sub(r"%\{customdata\[(\d+)\]\}", lambda m: str(fields[int(m.group(1))]),
-                  trace.hovertemplate)
+    text = re.sub(
+        r"%\{customdata\[(\d+)\]\}", lambda m: str(fields[int(m.group(1))]), trace.hovertemplate
+    )
     assert "%{" not in text, text
     return text
 
@@ -178,8 +179,9 @@ def test_hover_lists_top_k_tokens_with_probabilities(traj: Trajectory):
     assert "top-3 (logit lens):" in text
     listed = text.split("top-3 (logit lens):<br>")[1].replace("<extra></extra>", "").split("<br>")
     assert len(listed) == 3
-    for line, tok, prob in zip(listed, traj.top_tokens[row][pos], traj.top_probs[row, pos],
-                               strict=False):
+    for line, tok, prob in zip(
+        listed, traj.top_tokens[row][pos], traj.top_probs[row, pos], strict=False
+    ):
         value, shown = line.split(" ", 1)
         assert shown == display_token(tok)
         assert abs(float(value) - float(prob)) <= 5e-4 + 0.05 * float(prob)
@@ -194,8 +196,7 @@ def test_hover_lists_top_k_tokens_with_probabilities(traj: Trajectory):
 
 
 def test_stride_and_range_select_rows_and_columns(traj: Trajectory):
-    fig = plotting.trajectory_heatmap(traj, statistic="entropy", layer_stride=3,
-                                      token_range=(3, 9))
+    fig = plotting.trajectory_heatmap(traj, statistic="entropy", layer_stride=3, token_range=(3, 9))
     trace = fig.data[0]
     rows, cols = [0, 3, 4], list(range(3, 9))  # the output row is always kept
     assert list(fig.layout.yaxis.ticktext) == ["L0", "L3", "output"]
@@ -244,15 +245,24 @@ def test_large_grid_stays_small_and_readable(traj: Trajectory):
     n_layer, n_pos, k = 31, 512, 10
     reps = -(-n_pos // len(traj.tokens))
     tile = lambda t: t.repeat(7, reps, *([1] * (t.ndim - 2)))[:n_layer, :n_pos]  # noqa: E731
-    cells = tuple(tuple((traj.top_tokens[r % 5][p % len(traj.tokens)]) for p in range(n_pos))
-                  for r in range(n_layer))
+    cells = tuple(
+        tuple((traj.top_tokens[r % 5][p % len(traj.tokens)]) for p in range(n_pos))
+        for r in range(n_layer)
+    )
     big = Trajectory(
-        model_name="m", lens_kind="logit", prompt="p",
+        model_name="m",
+        lens_kind="logit",
+        prompt="p",
         token_ids=traj.token_ids.repeat(reps)[:n_pos],
-        tokens=(traj.tokens * reps)[:n_pos], layer_labels=(*(f"L{i}" for i in range(30)), "output"),
-        covered=torch.ones(n_layer, dtype=torch.bool), top_ids=tile(traj.top_ids),
-        top_probs=tile(traj.top_probs), top_tokens=cells, entropy=tile(traj.entropy),
-        kl_to_final=tile(traj.kl_to_final), cross_entropy=tile(traj.cross_entropy),
+        tokens=(traj.tokens * reps)[:n_pos],
+        layer_labels=(*(f"L{i}" for i in range(30)), "output"),
+        covered=torch.ones(n_layer, dtype=torch.bool),
+        top_ids=tile(traj.top_ids),
+        top_probs=tile(traj.top_probs),
+        top_tokens=cells,
+        entropy=tile(traj.entropy),
+        kl_to_final=tile(traj.kl_to_final),
+        cross_entropy=tile(traj.cross_entropy),
     )
     assert big.top_probs.shape == (n_layer, n_pos, k)
     fig = plotting.trajectory_heatmap(big)
@@ -315,9 +325,15 @@ def metric_frame(**extra: Any) -> pd.DataFrame:
     rows = []
     for lens, scale in (("logit", 1.0), ("tuned", 0.5)):
         for layer in range(5):
-            rows.append({"lens": lens, "layer": layer, "kl_bits": scale * (5 - layer),
-                         "kl_bits_se": 0.1 * (layer + 1),
-                         "layer_label": "output" if layer == 4 else f"L{layer}"})
+            rows.append(
+                {
+                    "lens": lens,
+                    "layer": layer,
+                    "kl_bits": scale * (5 - layer),
+                    "kl_bits_se": 0.1 * (layer + 1),
+                    "layer_label": "output" if layer == 4 else f"L{layer}",
+                }
+            )
     return pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # order must not matter
 
 
@@ -363,8 +379,7 @@ def test_compare_marks_the_jacobian_lens_row_it_does_not_cover(model: Any, lense
     assert np.isnan(jlens_z[0]).all() and not np.isnan(logit_z[0]).any()
     np.testing.assert_allclose(jlens_z[1:], logit_z[1:], atol=1e-5)  # J = I: the logit lens
     notes = [a for a in fig.layout.annotations if "not covered" in a.text]
-    assert [(n.text, n.y, n.xref) for n in notes] == [("not covered by the jacobian lens", 0,
-                                                       "x2")]
+    assert [(n.text, n.y, n.xref) for n in notes] == [("not covered by the jacobian lens", 0, "x2")]
     assert fig.layout.yaxis.ticktext[0] == "L0"  # the logit lens covers it
 
 

@@ -11,8 +11,16 @@ from lenskit.models import ModelAdapter
 from lenskit.progress import Progress
 from lenskit.training import CHECKPOINT_FILE, TrainConfig, checkpoint_config, train_tuned_lens
 
-SMALL = dict(model="tiny-llama", tokens=256, seq_len=32, tokens_per_step=64, lstsq_tokens=512,
-             eval_tokens=256, val_tokens=64, checkpoint_every=0)
+SMALL = dict(
+    model="tiny-llama",
+    tokens=256,
+    seq_len=32,
+    tokens_per_step=64,
+    lstsq_tokens=512,
+    eval_tokens=256,
+    val_tokens=64,
+    checkpoint_every=0,
+)
 
 
 class Halt(BaseException):
@@ -45,13 +53,15 @@ def test_training_reports_every_batch_and_step(tiny_llama, corpus_dir, tmp_path)
 def whole(tiny_llama, corpus_dir, tmp_path_factory):
     """The lens of an uninterrupted run."""
     config = TrainConfig(**SMALL, data=str(corpus_dir))
-    return train_tuned_lens(tiny_llama, config, tmp_path_factory.mktemp("whole"),
-                            progress=False).lens
+    return train_tuned_lens(
+        tiny_llama, config, tmp_path_factory.mktemp("whole"), progress=False
+    ).lens
 
 
 @pytest.mark.parametrize(("phase", "call"), [("fine-tune", 2), ("closed-form", 3)])
 def test_a_stop_from_the_callback_keeps_a_checkpoint_and_resume_matches(
-        tiny_llama, corpus_dir, tmp_path, whole, phase, call):
+    tiny_llama, corpus_dir, tmp_path, whole, phase, call
+):
     config = TrainConfig(**SMALL, data=str(corpus_dir))
     calls = []
 
@@ -64,7 +74,9 @@ def test_a_stop_from_the_callback_keeps_a_checkpoint_and_resume_matches(
         train_tuned_lens(tiny_llama, config, tmp_path / "cut", progress=False, on_progress=stop)
     state = torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)
     assert (state["phase"], state["step" if phase == "fine-tune" else "done"]) == (
-        "kl" if phase == "fine-tune" else "lstsq", call)  # the work up to the stop is kept
+        "kl" if phase == "fine-tune" else "lstsq",
+        call,
+    )  # the work up to the stop is kept
     assert checkpoint_config(tmp_path / "cut") == config
     assert checkpoint_config(tmp_path / "nothing") is None
     resumed = train_tuned_lens(tiny_llama, config, tmp_path / "cut", resume=True, progress=False)
@@ -75,10 +87,25 @@ def test_a_stop_from_the_callback_keeps_a_checkpoint_and_resume_matches(
 def test_evaluation_reports_tokens_read(tiny_llama, corpus_dir):
     seen: list[Progress] = []
     lens = LogitLens(ModelAdapter(tiny_llama))
-    result = evaluate(tiny_llama, [lens], str(corpus_dir), tokens=320, seq_len=32, batch_size=4,
-                      progress=False, on_progress=seen.append)
+    result = evaluate(
+        tiny_llama,
+        [lens],
+        str(corpus_dir),
+        tokens=320,
+        seq_len=32,
+        batch_size=4,
+        progress=False,
+        on_progress=seen.append,
+    )
     assert [p.done for p in seen] == [128, 256, 320]
     assert {p.total for p in seen} == {result.tokens} and {p.phase for p in seen} == {"evaluate"}
     with pytest.raises(Halt):
-        evaluate(tiny_llama, [lens], str(corpus_dir), tokens=320, seq_len=32, progress=False,
-                 on_progress=lambda p: (_ for _ in ()).throw(Halt))
+        evaluate(
+            tiny_llama,
+            [lens],
+            str(corpus_dir),
+            tokens=320,
+            seq_len=32,
+            progress=False,
+            on_progress=lambda p: (_ for _ in ()).throw(Halt),
+        )

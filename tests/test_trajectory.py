@@ -82,8 +82,17 @@ def test_to_frame_and_json(tiny_llama):
     )
     frame = traj.to_frame()
     assert len(frame) == 5 * 4
-    assert {"layer", "pos", "top1_token", "entropy_bits", "kl_to_final_bits",
-            "cross_entropy_bits", "target_prob", "target_rank", "topk_tokens"} <= set(frame)
+    assert {
+        "layer",
+        "pos",
+        "top1_token",
+        "entropy_bits",
+        "kl_to_final_bits",
+        "cross_entropy_bits",
+        "target_prob",
+        "target_rank",
+        "topk_tokens",
+    } <= set(frame)
     cell = frame[(frame.layer == 2) & (frame.pos == 1)].iloc[0]
     assert cell.entropy_bits == pytest.approx(float(traj.entropy[2, 1]))
     assert cell.target_rank == int(traj.target_rank[2, 1])

@@ -13,19 +13,28 @@ import torch
 from helpers import randomised
 
 import lenskit
-from lenskit import cli, training
+from lenskit import cli
 from lenskit.data import load_corpus, split_documents, tokenize_corpus
 from lenskit.errors import LenskitError
-from lenskit.fitting import fit_closed_form, normalized_target
-from lenskit.layer_kl import layer_kl
+from lenskit.evaluation.layer_kl import layer_kl
 from lenskit.lenses.tuned import TunedLens
 from lenskit.models import ModelAdapter
 from lenskit.residual import capture, tokenize
 from lenskit.training import CHECKPOINT_FILE, TrainConfig, train_tuned_lens
+from lenskit.training import loop as training_loop
+from lenskit.training.closed_form import fit_closed_form, normalized_target
 
 PROMPT = "The tuned lens reads every layer."
-SMALL = dict(model="tiny-llama", tokens=256, seq_len=32, tokens_per_step=64, lstsq_tokens=512,
-             eval_tokens=256, val_tokens=64, checkpoint_every=0)
+SMALL = dict(
+    model="tiny-llama",
+    tokens=256,
+    seq_len=32,
+    tokens_per_step=64,
+    lstsq_tokens=512,
+    eval_tokens=256,
+    val_tokens=64,
+    checkpoint_every=0,
+)
 
 
 def small(corpus_dir: Path, **changes) -> TrainConfig:
@@ -79,10 +88,19 @@ def test_tuned_lens_package_layout_loads(tiny_llama, tmp_path):
     """A folder as tuned-lens writes it: its config keys and a ModuleList state dict."""
     translators = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(4))
     torch.save(translators.state_dict(), tmp_path / "params.pt")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "base_model_name_or_path": "tiny-llama", "d_model": 64, "num_hidden_layers": 4,
-        "bias": True, "base_model_revision": None, "unembed_hash": "abc",
-        "lens_type": "linear_tuned_lens"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": "tiny-llama",
+                "d_model": 64,
+                "num_hidden_layers": 4,
+                "bias": True,
+                "base_model_revision": None,
+                "unembed_hash": "abc",
+                "lens_type": "linear_tuned_lens",
+            }
+        )
+    )
     lens = TunedLens.load(tiny_llama, tmp_path)
     for i, translator in enumerate(translators):
         assert torch.equal(lens.translators[i].weight, translator.weight.detach())
@@ -128,8 +146,20 @@ def _break(folder: Path, how: str) -> str:
     raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how", ["d_model", "layers", "truncated", "corrupt", "missing_key",
-                                 "wrong_shape", "nan", "bad_json", "no_params"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "d_model",
+        "layers",
+        "truncated",
+        "corrupt",
+        "missing_key",
+        "wrong_shape",
+        "nan",
+        "bad_json",
+        "no_params",
+    ],
+)
 def test_bad_lens_files_raise_one_line_errors(tiny_llama, tmp_path, how):
     randomised(tiny_llama).save(tmp_path)
     expected = _break(tmp_path, how)
@@ -186,7 +216,7 @@ def test_normalized_target_is_the_norm_before_its_gain(tiny_model):
 
 
 def test_lean_kl_step_matches_plain_autograd(tiny_llama, monkeypatch):
-    from lenskit import fitting
+    from lenskit.training import kl_step as fitting
 
     tokens = tokenize(tiny_llama, PROMPT * 3)
     results = []
@@ -216,22 +246,24 @@ def test_training_lowers_held_out_kl_and_writes_files(tiny_llama, corpus_dir, tm
     loaded = TunedLens.load(tiny_llama, tmp_path)
     for key, value in params(result.lens).items():
         assert torch.equal(params(loaded)[key], value)
-    chunks = tokenize_corpus(split_documents(load_corpus(corpus_dir), 0.1)[1],
-                             tiny_llama.tokenizer, 32, max_tokens=256)
+    chunks = tokenize_corpus(
+        split_documents(load_corpus(corpus_dir), 0.1)[1], tiny_llama.tokenizer, 32, max_tokens=256
+    )
     held = layer_kl(tiny_llama, loaded, chunks)
     assert list(held.columns) == ["layer", "kl_bits", "covered"]
     assert held.kl_bits.tolist() == pytest.approx(list(result.tuned_kl), rel=1e-4)
 
 
 def test_sgd_and_zero_init_train_too(tiny_gpt2, corpus_dir, tmp_path):
-    config = small(corpus_dir, model="tiny-gpt2", optimizer="sgd", init="zero", tokens=128,
-                   val_tokens=0)
+    config = small(
+        corpus_dir, model="tiny-gpt2", optimizer="sgd", init="zero", tokens=128, val_tokens=0
+    )
     result = train_tuned_lens(tiny_gpt2, config, tmp_path, progress=False)
     assert sum(result.tuned_kl) < sum(result.logit_kl)
 
 
 def _interrupt_on(monkeypatch, name: str, call: int) -> None:
-    real, calls = getattr(training, name), []
+    real, calls = getattr(training_loop, name), []
 
     def fake(*args, **kwargs):
         calls.append(1)
@@ -239,12 +271,13 @@ def _interrupt_on(monkeypatch, name: str, call: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, name, fake)
+    monkeypatch.setattr(training_loop, name, fake)
 
 
 @pytest.mark.parametrize(("name", "call"), [("kl_step", 3), ("capture", 4)])
-def test_resume_ends_with_the_uninterrupted_lens(tiny_llama, corpus_dir, tmp_path, monkeypatch,
-                                                 name, call):
+def test_resume_ends_with_the_uninterrupted_lens(
+    tiny_llama, corpus_dir, tmp_path, monkeypatch, name, call
+):
     config = small(corpus_dir, checkpoint_every=1)
     whole = train_tuned_lens(tiny_llama, config, tmp_path / "whole", progress=False)
     with monkeypatch.context() as patch:
@@ -267,13 +300,23 @@ def test_resume_refuses_other_settings(tiny_llama, corpus_dir, tmp_path, monkeyp
         with pytest.raises(KeyboardInterrupt):
             train_tuned_lens(tiny_llama, config, tmp_path, progress=False)
     with pytest.raises(LenskitError, match="made with seed=0, not 1"):
-        train_tuned_lens(tiny_llama, small(corpus_dir, seed=1), tmp_path, resume=True,
-                         progress=False)
+        train_tuned_lens(
+            tiny_llama, small(corpus_dir, seed=1), tmp_path, resume=True, progress=False
+        )
 
 
-@pytest.mark.parametrize("changes", [dict(tokens_per_step=48), dict(optimizer="lbfgs"),
-                                     dict(tokens=-1), dict(held_out=1.0), dict(lr=0.0),
-                                     dict(dtype="bfloat16"), dict(init="random")])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(tokens_per_step=48),
+        dict(optimizer="lbfgs"),
+        dict(tokens=-1),
+        dict(held_out=1.0),
+        dict(lr=0.0),
+        dict(dtype="bfloat16"),
+        dict(init="random"),
+    ],
+)
 def test_config_refuses_bad_settings(corpus_dir, changes):
     with pytest.raises(LenskitError):
         small(corpus_dir, **changes)
@@ -289,8 +332,13 @@ def test_config_round_trips(corpus_dir):
 def _rank(rank: int, port: int, config: TrainConfig, out: str) -> None:
     code = 1
     try:
-        os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            LOCAL_RANK=str(rank),
+        )
         torch.set_num_threads(1)
         model = lenskit.load_model("tiny-llama")
         train_tuned_lens(model, config, out, progress=False)
@@ -306,8 +354,9 @@ def test_two_processes_match_one(tiny_llama, corpus_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(r, port, config, str(tmp_path / "two")))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_rank, args=(r, port, config, str(tmp_path / "two"))) for r in range(2)
+    ]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -322,9 +371,28 @@ def test_two_processes_match_one(tiny_llama, corpus_dir, tmp_path):
 
 def test_cli_trains_and_reports_bad_settings(corpus_dir, tmp_path, capsys):
     out = tmp_path / "lens"
-    argv = ["train", "--model", "tiny-llama", "--data", str(corpus_dir), "--tokens", "64",
-            "--seq-len", "32", "--tokens-per-step", "64", "--lstsq-tokens", "256",
-            "--eval-tokens", "64", "--val-tokens", "0", "--out", str(out), "--quiet"]
+    argv = [
+        "train",
+        "--model",
+        "tiny-llama",
+        "--data",
+        str(corpus_dir),
+        "--tokens",
+        "64",
+        "--seq-len",
+        "32",
+        "--tokens-per-step",
+        "64",
+        "--lstsq-tokens",
+        "256",
+        "--eval-tokens",
+        "64",
+        "--val-tokens",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     assert "mean" in capsys.readouterr().out
     assert (out / "params.pt").is_file()

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lenskit.causal_basis import CausalBasis
-from lenskit.causal_extraction import CausalBasisConfig, extract_causal_basis
-from lenskit.causal_influence import ABLATIONS
+from lenskit.causal.extraction import CausalBasisConfig, extract_causal_basis
+from lenskit.causal.influence import ABLATIONS
 from lenskit.errors import LenskitError
 from lenskit.lenses import get_lens, parse_lens_spec
+from lenskit.lenses.basis import CausalBasis
 from lenskit.models import DEFAULT_MODEL, load_model
 
 __all__ = ["format_table", "register", "run"]
@@ -38,31 +38,67 @@ def register(sub: Any) -> None:
     d = _DEFAULTS
     add = parser.add_argument
     add("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    add("--lens", default="tuned", help="the lens, tuned or tuned:DIR (default: the shipped "
-        "tuned lens)")
-    add("--layer", type=int, nargs="+", required=True, metavar="L",
-        help="block inputs (lens rows 0..n_layers-1); several are captured in one pass")
+    add(
+        "--lens",
+        default="tuned",
+        help="the lens, tuned or tuned:DIR (default: the shipped tuned lens)",
+    )
+    add(
+        "--layer",
+        type=int,
+        nargs="+",
+        required=True,
+        metavar="L",
+        help="block inputs (lens rows 0..n_layers-1); several are captured in one pass",
+    )
     add("--k", type=int, default=d.k, help=f"directions per layer ({d.k})")
     add("--data", default=None, help="corpus file, folder or cached dataset (Shakespeare)")
-    add("--out", required=True, metavar="DIR", help="basis folder (new, or one of this "
-        "model and lens: layers are added or replaced)")
+    add(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="basis folder (new, or one of this model and lens: layers are added or replaced)",
+    )
     add("--ablation", choices=ABLATIONS, default=d.ablation, help=f"({d.ablation})")
     add("--tokens", type=int, default=d.tokens, help=f"training tokens ({d.tokens})")
-    add("--eval-tokens", type=int, default=d.eval_tokens,
-        help=f"held-out tokens for the reported influences ({d.eval_tokens})")
+    add(
+        "--eval-tokens",
+        type=int,
+        default=d.eval_tokens,
+        help=f"held-out tokens for the reported influences ({d.eval_tokens})",
+    )
     add("--seq-len", type=int, default=d.seq_len, help=f"tokens per chunk ({d.seq_len})")
-    add("--held-out", type=float, default=d.held_out, help=f"held-out document fraction "
-        f"({d.held_out})")
+    add(
+        "--held-out",
+        type=float,
+        default=d.held_out,
+        help=f"held-out document fraction ({d.held_out})",
+    )
     add("--seed", type=int, default=d.seed, help=f"split, order and resampling ({d.seed})")
-    add("--max-iter", type=int, default=d.max_iter, help=f"L-BFGS iterations per direction "
-        f"({d.max_iter})")
+    add(
+        "--max-iter",
+        type=int,
+        default=d.max_iter,
+        help=f"L-BFGS iterations per direction ({d.max_iter})",
+    )
     add("--tol", type=float, default=d.tol, help=f"relative change that ends a search ({d.tol})")
-    add("--batch-size", type=int, default=d.batch_size, help=f"chunks per forward pass "
-        f"({d.batch_size})")
-    add("--no-model-influence", action="store_true",
-        help="skip the influence on the model (k forward passes over the held-out tokens)")
-    add("--figures", default=None, metavar="DIR",
-        help="also write each layer's influence and token figures (HTML) to DIR")
+    add(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"chunks per forward pass ({d.batch_size})",
+    )
+    add(
+        "--no-model-influence",
+        action="store_true",
+        help="skip the influence on the model (k forward passes over the held-out tokens)",
+    )
+    add(
+        "--figures",
+        default=None,
+        metavar="DIR",
+        help="also write each layer's influence and token figures (HTML) to DIR",
+    )
     add("--device", default="cpu")
     add("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -70,9 +106,18 @@ def register(sub: Any) -> None:
 
 def _config(args: argparse.Namespace) -> CausalBasisConfig:
     return CausalBasisConfig(
-        k=args.k, ablation=args.ablation, tokens=args.tokens, eval_tokens=args.eval_tokens,
-        seq_len=args.seq_len, held_out=args.held_out, seed=args.seed, max_iter=args.max_iter,
-        tol=args.tol, model_influence=not args.no_model_influence, batch_size=args.batch_size)
+        k=args.k,
+        ablation=args.ablation,
+        tokens=args.tokens,
+        eval_tokens=args.eval_tokens,
+        seq_len=args.seq_len,
+        held_out=args.held_out,
+        seed=args.seed,
+        max_iter=args.max_iter,
+        tol=args.tol,
+        model_influence=not args.no_model_influence,
+        batch_size=args.batch_size,
+    )
 
 
 def format_table(basis: CausalBasis) -> str:
@@ -80,39 +125,47 @@ def format_table(basis: CausalBasis) -> str:
     s = basis.settings
     lens = s.get("lens", {})
     where = "shipped" if lens.get("shipped") else (lens.get("path") or "in memory")
-    lines = [f"layer {basis.layer} · {s.get('model')} · {lens.get('kind')} lens ({where}) · "
-             f"{s.get('config', {}).get('ablation')} ablation · KL in bits per token",
-             f"{'dir':>4}{'lens':>10}{'model':>10}{'train':>10}{'found':>7}{'iters':>7}"]
+    lines = [
+        f"layer {basis.layer} · {s.get('model')} · {lens.get('kind')} lens ({where}) · "
+        f"{s.get('config', {}).get('ablation')} ablation · KL in bits per token",
+        f"{'dir':>4}{'lens':>10}{'model':>10}{'train':>10}{'found':>7}{'iters':>7}",
+    ]
     model = basis.model_influence
     for i in range(basis.k):
         m = f"{float(model[i]):>10.4f}" if model is not None else f"{'—':>10}"
-        lines.append(f"{i + 1:>4}{float(basis.lens_influence[i]):>10.4f}{m}"
-                     f"{float(basis.train_influence[i]):>10.4f}{basis.found_at[i] + 1:>7}"
-                     f"{basis.iterations[i]:>6}{'' if basis.converged[i] else '*'}")
+        lines.append(
+            f"{i + 1:>4}{float(basis.lens_influence[i]):>10.4f}{m}"
+            f"{float(basis.train_influence[i]):>10.4f}{basis.found_at[i] + 1:>7}"
+            f"{basis.iterations[i]:>6}{'' if basis.converged[i] else '*'}"
+        )
     rho = basis.spearman
     if not math.isnan(rho):
-        lines.append(f"Spearman rank correlation (lens, model) = {rho:.3f} over {basis.k} "
-                     "directions")
+        lines.append(
+            f"Spearman rank correlation (lens, model) = {rho:.3f} over {basis.k} directions"
+        )
     secs = s.get("seconds", {})
-    lines.append(f"{s.get('train_tokens')} training and {s.get('eval_tokens')} held-out tokens "
-                 f"from {s.get('data')}; {secs.get('extract', 0):.0f} s extracting, "
-                 f"{secs.get('lens_influence', 0) + secs.get('model_influence', 0):.0f} s "
-                 f"measuring ({s.get('objective_path')} objective)")
+    lines.append(
+        f"{s.get('train_tokens')} training and {s.get('eval_tokens')} held-out tokens "
+        f"from {s.get('data')}; {secs.get('extract', 0):.0f} s extracting, "
+        f"{secs.get('lens_influence', 0) + secs.get('model_influence', 0):.0f} s "
+        f"measuring ({s.get('objective_path')} objective)"
+    )
     if not all(basis.converged):
         lines.append("* stopped at --max-iter before the convergence test was met")
     return "\n".join(lines)
 
 
 def _figures(model: Any, lens: Any, basis: CausalBasis, folder: Path) -> list[Path]:
-    from lenskit.causal_influence import direction_tokens
+    from lenskit.causal.influence import direction_tokens
     from lenskit.export import save_figure
     from lenskit.plotting.causal import direction_tokens_plot, influence_plot
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, fig in (("influence", influence_plot(basis)),
-                      ("tokens", direction_tokens_plot(direction_tokens(lens, basis,
-                                                                        model.tokenizer)))):
+    for name, fig in (
+        ("influence", influence_plot(basis)),
+        ("tokens", direction_tokens_plot(direction_tokens(lens, basis, model.tokenizer))),
+    ):
         path = folder / f"layer_{basis.layer}_{name}.html"
         save_figure(fig, path)
         written.append(path)
@@ -124,22 +177,27 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)  # bad settings fail before the model loads
     kind, options = parse_lens_spec(args.lens)
     if kind == "tuned-with-causal-basis":
-        raise LenskitError("extract a causal basis with the lens it will serve: pass --lens "
-                           "tuned or --lens tuned:DIR")
+        raise LenskitError(
+            "extract a causal basis with the lens it will serve: pass --lens "
+            "tuned or --lens tuned:DIR"
+        )
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise LenskitError(f"--out {out} is a file: give a folder")
     model = load_model(args.model, device=args.device)
     lens = get_lens(kind, model, **options)
-    bases = extract_causal_basis(model, lens, args.layer, config, args.data, out=out,
-                                 progress=not args.quiet)
+    bases = extract_causal_basis(
+        model, lens, args.layer, config, args.data, out=out, progress=not args.quiet
+    )
     for basis in bases.values():
         print(format_table(basis))
         if args.figures:
             for path in _figures(model, lens, basis, Path(args.figures).expanduser()):
                 print(f"wrote {path}")
-    print(f"wrote {out}/: layers {', '.join(map(str, bases))}; read it with "
-          f"`lenskit trajectory --model {shlex.quote(args.model)} --lens "
-          f"{shlex.quote('tuned-with-causal-basis:' + str(out))} --prompt TEXT`",
-          file=sys.stdout)
+    print(
+        f"wrote {out}/: layers {', '.join(map(str, bases))}; read it with "
+        f"`lenskit trajectory --model {shlex.quote(args.model)} --lens "
+        f"{shlex.quote('tuned-with-causal-basis:' + str(out))} --prompt TEXT`",
+        file=sys.stdout,
+    )
     return 0

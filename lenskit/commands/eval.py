@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lenskit.errors import LenskitError
-from lenskit.eval_stats import METRICS, EvalResult
 from lenskit.evaluation import DEFAULT_SEQ_LEN, evaluate
+from lenskit.evaluation.results import METRICS, EvalResult
 from lenskit.export import save_figure
 from lenskit.io import atomic_open, atomic_write_json
 from lenskit.lenses import get_lens, parse_lens_spec
@@ -30,10 +30,12 @@ from lenskit.plotting import metric_lines
 __all__ = ["PRODUCER", "format_summary", "lens_names", "register", "run", "write_outputs"]
 
 PRODUCER = "lenskit eval"
-_TITLES = {"kl_bits": "KL(model output || lens), bits per token",
-           "ce_bits": "cross-entropy of the next token, bits per token",
-           "entropy_bits": "entropy of the lens's prediction, bits",
-           "top1_agree": "top-1 agreement with the model's output"}
+_TITLES = {
+    "kl_bits": "KL(model output || lens), bits per token",
+    "ce_bits": "cross-entropy of the next token, bits per token",
+    "entropy_bits": "entropy of the lens's prediction, bits",
+    "top1_agree": "top-1 agreement with the model's output",
+}
 
 
 def register(sub: Any) -> None:
@@ -48,21 +50,38 @@ def register(sub: Any) -> None:
     )
     add = parser.add_argument
     add("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    add("--lens", action="append", metavar="[NAME=]SPEC",
+    add(
+        "--lens",
+        action="append",
+        metavar="[NAME=]SPEC",
         help="lens spec KIND or KIND:PATH, optionally named (mine=tuned:DIR); repeat for "
-        "several (default: logit)")
+        "several (default: logit)",
+    )
     add("--data", default=None, help="corpus file, folder or cached dataset (Shakespeare)")
     add("--tokens", type=int, required=True, help="tokens to read, in whole chunks")
-    add("--out", required=True, metavar="DIR", help="folder for the results (new or empty, "
-        "or an earlier eval's, which is replaced)")
-    add("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per chunk "
-        f"({DEFAULT_SEQ_LEN})")
+    add(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for the results (new or empty, or an earlier eval's, which is replaced)",
+    )
+    add(
+        "--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per chunk ({DEFAULT_SEQ_LEN})"
+    )
     add("--batch-size", type=int, default=4, help="chunks per forward pass (4)")
     add("--seed", type=int, default=0, help="document order and held-out split (0)")
-    add("--held-out", type=float, default=None, metavar="FRACTION",
-        help="score only the documents `lenskit train --held-out FRACTION` holds out")
-    add("--transfer", action="store_true",
-        help="also score each tuned translator on every layer (transfer.csv; n_layers x slower)")
+    add(
+        "--held-out",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="score only the documents `lenskit train --held-out FRACTION` holds out",
+    )
+    add(
+        "--transfer",
+        action="store_true",
+        help="also score each tuned translator on every layer (transfer.csv; n_layers x slower)",
+    )
     add("--no-png", action="store_true", help="write HTML figures only")
     add("--device", default="cpu")
     add("--quiet", action="store_true", help="no progress bar")
@@ -83,11 +102,15 @@ def lens_names(specs: list[str] | None) -> dict[str, str]:
         kind, _ = parse_lens_spec(spec)
         name = name.strip() or kind
         if name == "model":
-            raise LenskitError("'model' names the reference row: give the lens another name, "
-                               f"e.g. --lens mine={spec}")
+            raise LenskitError(
+                "'model' names the reference row: give the lens another name, "
+                f"e.g. --lens mine={spec}"
+            )
         if name in named:
-            raise LenskitError(f"duplicate lens name {name!r}: name them, e.g. --lens "
-                               f"{name}-a={named[name]} --lens {name}-b={spec}")
+            raise LenskitError(
+                f"duplicate lens name {name!r}: name them, e.g. --lens "
+                f"{name}-a={named[name]} --lens {name}-b={spec}"
+            )
         named[name] = spec
     return named
 
@@ -115,8 +138,13 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_outputs(result: EvalResult, out: str | os.PathLike[str], *, png: bool = True,
-                  extra: dict[str, Any] | None = None) -> list[str]:
+def write_outputs(
+    result: EvalResult,
+    out: str | os.PathLike[str],
+    *,
+    png: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> list[str]:
     """Write metrics.csv, transfer.csv, a figure per metric and metrics.json into ``out``.
 
     Files are written into a temporary folder beside ``out`` that is renamed into place
@@ -134,8 +162,7 @@ def write_outputs(result: EvalResult, out: str | os.PathLike[str], *, png: bool 
     target = Path(out).expanduser()
     _check_out(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
-                                dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         mask = os.umask(0)
         os.umask(mask)
@@ -147,8 +174,11 @@ def write_outputs(result: EvalResult, out: str | os.PathLike[str], *, png: bool 
             with atomic_open(tmp / "transfer.csv") as handle:
                 result.transfer.to_csv(handle, index=False)
         for metric in METRICS:
-            fig = metric_lines(frame, metric=metric,  # uncovered layers: marked gaps
-                               title=f"{_TITLES[metric]} · {result.model} · {result.source}")
+            fig = metric_lines(
+                frame,
+                metric=metric,  # uncovered layers: marked gaps
+                title=f"{_TITLES[metric]} · {result.model} · {result.source}",
+            )
             save_figure(fig, tmp / f"{metric}.html")
             if png:
                 try:
@@ -157,8 +187,10 @@ def write_outputs(result: EvalResult, out: str | os.PathLike[str], *, png: bool 
                     print(f"lenskit eval: note: skipped PNG figures ({err})", file=sys.stderr)
                     png = False
         files = [*sorted(p.name for p in tmp.iterdir()), "metrics.json"]
-        atomic_write_json(tmp / "metrics.json", {"produced_by": PRODUCER, **(extra or {}),
-                                                 "files": files, **result.to_dict()})
+        atomic_write_json(
+            tmp / "metrics.json",
+            {"produced_by": PRODUCER, **(extra or {}), "files": files, **result.to_dict()},
+        )
         _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,21 +206,32 @@ def format_summary(result: EvalResult) -> str:
     lines = [f"{'layer':>6}" + "".join(f"{n + ' KL':>{width}}" for n in lenses)]
     table = frame[frame["lens"] != "model"].pivot(index="layer", columns="lens", values="kl_bits")
     for layer, row in table.iterrows():
-        lines.append(f"{layer:>6}" + "".join(
-            f"{row[n]:>{width}.3f}" if math.isfinite(row[n]) else f"{'—':>{width}}"
-            for n in lenses))
+        lines.append(
+            f"{layer:>6}"
+            + "".join(
+                f"{row[n]:>{width}.3f}" if math.isfinite(row[n]) else f"{'—':>{width}}"
+                for n in lenses
+            )
+        )
     if table[lenses].isna().to_numpy().any():
         lines.append("— : a layer the lens does not cover (NaN in metrics.csv, covered=False)")
     model = frame[frame["lens"] == "model"].iloc[0]
-    lines.append(f"model output: cross-entropy {model.ce_bits:.3f} ± {model.ce_bits_se:.3f} "
-                 f"bits/token ({model.ce_bits_per_byte:.3f} bits/byte), entropy "
-                 f"{model.entropy_bits:.3f} bits (± 1 SE over {result.chunks} chunks)")
-    lines.append(f"{result.tokens} tokens ({result.chunks} chunks of {result.seq_len}) from "
-                 f"{result.source} in {result.seconds:.1f} s ({result.tokens_per_s:.0f} tokens/s)")
-    objectives = ", ".join(f"{name} {info.get('objective', 'unspecified')}"
-                           for name, info in result.lenses.items())
-    lines.append(f"fitted for: {objectives} (KL to the output is reported for every lens, "
-                 "also those not trained to lower it)")
+    lines.append(
+        f"model output: cross-entropy {model.ce_bits:.3f} ± {model.ce_bits_se:.3f} "
+        f"bits/token ({model.ce_bits_per_byte:.3f} bits/byte), entropy "
+        f"{model.entropy_bits:.3f} bits (± 1 SE over {result.chunks} chunks)"
+    )
+    lines.append(
+        f"{result.tokens} tokens ({result.chunks} chunks of {result.seq_len}) from "
+        f"{result.source} in {result.seconds:.1f} s ({result.tokens_per_s:.0f} tokens/s)"
+    )
+    objectives = ", ".join(
+        f"{name} {info.get('objective', 'unspecified')}" for name, info in result.lenses.items()
+    )
+    lines.append(
+        f"fitted for: {objectives} (KL to the output is reported for every lens, "
+        "also those not trained to lower it)"
+    )
     lines += [f"note: {name}: {text}" for name, text in result.notes.items()]
     return "\n".join(lines)
 
@@ -204,12 +247,22 @@ def run(args: argparse.Namespace) -> int:
     for name, spec in specs.items():
         kind, options = parse_lens_spec(spec)
         lenses[name] = get_lens(kind, model, **options)
-    result = evaluate(model, lenses, args.data, tokens=args.tokens, seq_len=args.seq_len,
-                      batch_size=args.batch_size, seed=args.seed, transfer=args.transfer,
-                      held_out=args.held_out, progress=not args.quiet)
+    result = evaluate(
+        model,
+        lenses,
+        args.data,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        transfer=args.transfer,
+        held_out=args.held_out,
+        progress=not args.quiet,
+    )
     command = shlex.join(["lenskit", "eval", *sys.argv[2:]]) if sys.argv[1:2] == ["eval"] else None
-    files = write_outputs(result, args.out, png=not args.no_png,
-                          extra={"command": command, "lens_specs": specs})
+    files = write_outputs(
+        result, args.out, png=not args.no_png, extra={"command": command, "lens_specs": specs}
+    )
     print(format_summary(result))
     print(f"wrote {args.out}/: {', '.join(files)}")
     return 0

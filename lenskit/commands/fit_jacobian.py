@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from lenskit.errors import LenskitError
-from lenskit.jacobian_fit import fit_jacobian_lens
 from lenskit.models import DEFAULT_MODEL, load_model
+from lenskit.training.jacobian import fit_jacobian_lens
 
 __all__ = ["register", "run"]
 
@@ -52,16 +52,28 @@ def run(args: argparse.Namespace) -> int:
         raise LenskitError(f"--prompts must be >= 1, got {args.prompts}: fit on at least one")
     model = load_model(args.model, device=args.device)
     lens = fit_jacobian_lens(
-        model, args.data, n_prompts=args.prompts, seq_len=args.seq_len, out=args.out,
-        resume=not args.no_resume, progress=not args.quiet, dtype=_DTYPES[args.dtype],
-        dim_batch=args.dim_batch, skip_first_positions=args.skip_first, seed=args.seed,
+        model,
+        args.data,
+        n_prompts=args.prompts,
+        seq_len=args.seq_len,
+        out=args.out,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+        dtype=_DTYPES[args.dtype],
+        dim_batch=args.dim_batch,
+        skip_first_positions=args.skip_first,
+        seed=args.seed,
     )
     seconds = lens.metadata.get("lenskit_progress", {}).get("seconds_per_prompt", [])
     rows = lens.covered_layers()
-    print(f"J-lens for {lens.adapter.name}: {lens.n_prompts} prompts of {args.seq_len} tokens, "
-          f"rows {rows[0]}..{rows[-1]}, {sum(seconds):.0f} s fitting "
-          f"({sum(seconds) / max(len(seconds), 1):.1f} s/prompt)")
-    print(f"wrote {lens.source}; read it with "
-          f"`lenskit trajectory --model {shlex.quote(args.model)} "
-          f"--lens {shlex.quote('jacobian:' + str(lens.source))} --prompt TEXT`")
+    print(
+        f"J-lens for {lens.adapter.name}: {lens.n_prompts} prompts of {args.seq_len} tokens, "
+        f"rows {rows[0]}..{rows[-1]}, {sum(seconds):.0f} s fitting "
+        f"({sum(seconds) / max(len(seconds), 1):.1f} s/prompt)"
+    )
+    print(
+        f"wrote {lens.source}; read it with "
+        f"`lenskit trajectory --model {shlex.quote(args.model)} "
+        f"--lens {shlex.quote('jacobian:' + str(lens.source))} --prompt TEXT`"
+    )
     return 0

@@ -36,22 +36,43 @@ def register(sub: Any) -> None:
     add("--out", required=True, metavar="DIR", help="folder for the lens and checkpoints")
     add("--resume", action="store_true", help="continue the checkpoint in --out")
     add("--seq-len", type=int, default=d.seq_len, help=f"tokens per chunk ({d.seq_len})")
-    add("--tokens-per-step", type=int, default=d.tokens_per_step,
-        help=f"tokens per optimizer step, all ranks ({d.tokens_per_step})")
+    add(
+        "--tokens-per-step",
+        type=int,
+        default=d.tokens_per_step,
+        help=f"tokens per optimizer step, all ranks ({d.tokens_per_step})",
+    )
     add("--optimizer", choices=("adam", "sgd"), default=d.optimizer)
     add("--lr", type=float, default=None, help="base step size (adam 1e-3, sgd 1.0)")
-    add("--init", choices=("lstsq", "zero"), default=d.init,
-        help="closed-form start or the logit lens (lstsq)")
-    add("--lstsq-tokens", type=int, default=d.lstsq_tokens,
-        help=f"tokens for the closed-form start ({d.lstsq_tokens})")
+    add(
+        "--init",
+        choices=("lstsq", "zero"),
+        default=d.init,
+        help="closed-form start or the logit lens (lstsq)",
+    )
+    add(
+        "--lstsq-tokens",
+        type=int,
+        default=d.lstsq_tokens,
+        help=f"tokens for the closed-form start ({d.lstsq_tokens})",
+    )
     add("--ridge", type=float, default=d.ridge, help=f"relative ridge penalty ({d.ridge})")
     add("--seed", type=int, default=d.seed)
-    add("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="K",
-        help=f"steps between checkpoints, 0: only on Ctrl-C ({d.checkpoint_every})")
+    add(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        metavar="K",
+        help=f"steps between checkpoints, 0: only on Ctrl-C ({d.checkpoint_every})",
+    )
     add("--held-out", type=float, default=d.held_out, help="held-out document fraction")
     add("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens for metrics")
-    add("--val-tokens", type=int, default=d.val_tokens,
-        help="training-split tokens that pick start or fine-tuned per layer")
+    add(
+        "--val-tokens",
+        type=int,
+        default=d.val_tokens,
+        help="training-split tokens that pick start or fine-tuned per layer",
+    )
     add("--device", default=d.device, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
     add("--dtype", default=d.dtype, help="model dtype (half types only on cuda)")
     add("--quiet", action="store_true", help="no progress bars")
@@ -83,8 +104,10 @@ def format_summary(result: TrainResult) -> str:
     n = len(result.logit_kl)
     lines.append(f"{'mean':>5}  {sum(result.logit_kl) / n:>9.3f}  {sum(result.tuned_kl) / n:>9.3f}")
     rate = result.timings.get("kl_tokens_per_s")
-    lines.append(f"{result.tokens} tokens, {result.seconds:.0f} s"
-                 + (f", KL steps at {rate:.1f} tokens/s" if rate else ""))
+    lines.append(
+        f"{result.tokens} tokens, {result.seconds:.0f} s"
+        + (f", KL steps at {rate:.1f} tokens/s" if rate else "")
+    )
     return "\n".join(lines)
 
 
@@ -92,9 +115,14 @@ def run(args: argparse.Namespace) -> int:
     """Run ``lenskit train``."""
     config = _config(args)  # bad settings fail before the model loads
     model = load_model(config.model, device=config.device, dtype=config.dtype)
-    result = train_tuned_lens(model, config, args.out, resume=args.resume,
-                              progress=not args.quiet,
-                              command=command_line(config, args.out, resume=args.resume))
+    result = train_tuned_lens(
+        model,
+        config,
+        args.out,
+        resume=args.resume,
+        progress=not args.quiet,
+        command=command_line(config, args.out, resume=args.resume),
+    )
     if int(os.environ.get("RANK", "0") or 0) == 0:
         print(format_summary(result))
         print(f"wrote {args.out}/config.json, params.pt and metrics.json")

@@ -107,10 +107,12 @@ class Lens(torch.nn.Module, ABC):
         """:meth:`transform_hidden` of several rows; ``hidden[i]`` is at ``layers[i]``."""
         if len(layers) != hidden.shape[0]:
             raise ValueError(f"{hidden.shape[0]} residual rows but {len(layers)} layers")
-        return torch.stack([
-            self.transform_hidden(h, self.check_layer(row))
-            for h, row in zip(hidden, layers, strict=True)
-        ])
+        return torch.stack(
+            [
+                self.transform_hidden(h, self.check_layer(row))
+                for h, row in zip(hidden, layers, strict=True)
+            ]
+        )
 
     def read_rows(
         self, hidden: Float[Tensor, "layer pos d_model"], layers: Sequence[int]

@@ -1,7 +1,7 @@
 """The tuned lens reading only a layer's causal subspace (``tuned-with-causal-basis``).
 
 At a block input ``L`` with an extracted causal basis (``k`` orthonormal rows ``V``, mean
-residual ``m``; see :mod:`lenskit.causal_basis`), the residual is projected onto the mean
+residual ``m``; see :mod:`lenskit.lenses.basis`), the residual is projected onto the mean
 plus the span of the top-``k`` directions, ``m + V^T V (h - m)``, and then read by the
 tuned lens (translator, final norm, unembedding). With a full basis (``k = d_model``) the
 projection is the identity and the lens is the tuned lens. Block inputs without a basis are
@@ -24,9 +24,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lenskit.causal_basis import CausalBasis, load_bases, read_index, shipped_basis_dir
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, register_lens
+from lenskit.lenses.basis import CausalBasis, load_bases, read_index, shipped_basis_dir
 from lenskit.lenses.tuned import TunedLens, shipped_lens_dir
 from lenskit.models import ModelAdapter
 
@@ -37,8 +37,10 @@ _OPTIONS = ("k", "path", "tuned")
 
 def _hint(name: str) -> str:
     tuned = "tuned" if shipped_lens_dir(name) is not None else "tuned:TUNED_DIR"
-    return (f"extract one with `lenskit causal-basis --model {name} --lens {tuned} --layer L "
-            "--out DIR` and pass path=DIR")
+    return (
+        f"extract one with `lenskit causal-basis --model {name} --lens {tuned} --layer L "
+        "--out DIR` and pass path=DIR"
+    )
 
 
 @register_lens("tuned-with-causal-basis")
@@ -55,8 +57,14 @@ class CausalBasisLens(Lens):
     description = "the tuned lens on the mean plus the span of a layer's top-k causal directions"
     objective = "kl_to_output_on_causal_subspace"
 
-    def __init__(self, adapter: ModelAdapter, tuned: TunedLens, bases: dict[int, CausalBasis],
-                 *, source: str | None = None) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        tuned: TunedLens,
+        bases: dict[int, CausalBasis],
+        *,
+        source: str | None = None,
+    ) -> None:
         super().__init__(adapter)
         self.tuned = tuned
         self.source = source
@@ -66,9 +74,11 @@ class CausalBasisLens(Lens):
         dtype = ref.dtype if ref.is_floating_point() else torch.float32
         for layer, basis in bases.items():
             if basis.d_model != adapter.d_model or not 0 <= layer < adapter.n_layers:
-                raise LenskitError(f"the causal basis of layer {layer} does not fit "
-                                   f"{adapter.name} (d_model {basis.d_model}): "
-                                   f"{_hint(adapter.name)}")
+                raise LenskitError(
+                    f"the causal basis of layer {layer} does not fit "
+                    f"{adapter.name} (d_model {basis.d_model}): "
+                    f"{_hint(adapter.name)}"
+                )
             self.register_buffer(f"basis_{layer}", basis.basis.to(ref.device, dtype))
             self.register_buffer(f"mean_{layer}", basis.mean.to(ref.device, dtype))
 
@@ -82,16 +92,20 @@ class CausalBasisLens(Lens):
         """
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
-            raise LenskitError(f"the tuned-with-causal-basis lens takes only "
-                               f"{', '.join(_OPTIONS)}, got {', '.join(unknown)}: drop them")
+            raise LenskitError(
+                f"the tuned-with-causal-basis lens takes only "
+                f"{', '.join(_OPTIONS)}, got {', '.join(unknown)}: drop them"
+            )
         adapter = ModelAdapter(model)
         path = options.get("path")
         if path is None:
             shipped = shipped_basis_dir(adapter.name)
             if shipped is None:
-                raise LenskitError(f"no causal basis is shipped for {adapter.name}: "
-                                   f"{_hint(adapter.name)} (tuned-with-causal-basis:DIR in the "
-                                   "CLI)")
+                raise LenskitError(
+                    f"no causal basis is shipped for {adapter.name}: "
+                    f"{_hint(adapter.name)} (tuned-with-causal-basis:DIR in the "
+                    "CLI)"
+                )
             path = shipped
         folder = Path(path).expanduser()
         index = read_index(folder)
@@ -118,15 +132,17 @@ class CausalBasisLens(Lens):
                 f"the tuned-with-causal-basis lens has no causal basis for layer {layer}: use "
                 f"one of layers {', '.join(map(str, self.layers))} (or {self.adapter.n_layers}, "
                 f"the output), or extract it with `lenskit causal-basis --layer {layer} --out "
-                f"{self.source or 'DIR'}`")
+                f"{self.source or 'DIR'}`"
+            )
         return layer
 
     def basis(self, layer: int) -> Float[Tensor, "k d_model"]:
         """The directions used at ``layer``."""
         return getattr(self, f"basis_{self.check_layer(layer)}")
 
-    def project(self, h: Float[Tensor, "*batch d_model"], layer: int
-                ) -> Float[Tensor, "*batch d_model"]:
+    def project(
+        self, h: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch d_model"]:
         """``m + V^T V (h - m)``: the mean plus the part of ``h - m`` in the causal subspace."""
         basis = self.basis(layer)
         mean = getattr(self, f"mean_{layer}")
@@ -154,30 +170,38 @@ def _check_fits(index: dict[str, Any], adapter: ModelAdapter, folder: Path) -> N
     ours = {"d_model": adapter.d_model, "n_layers": adapter.n_layers, "d_vocab": adapter.d_vocab}
     for key, have in ours.items():
         if shape.get(key) not in (None, have):
-            raise LenskitError(f"the causal basis in {folder} is for a model with {key} "
-                               f"{shape.get(key)}, {adapter.name} has {have}: "
-                               f"{_hint(adapter.name)}")
+            raise LenskitError(
+                f"the causal basis in {folder} is for a model with {key} "
+                f"{shape.get(key)}, {adapter.name} has {have}: "
+                f"{_hint(adapter.name)}"
+            )
     if index.get("model") != adapter.name:
-        raise LenskitError(f"the causal basis in {folder} is for {index.get('model')}, not "
-                           f"{adapter.name}: {_hint(adapter.name)}")
+        raise LenskitError(
+            f"the causal basis in {folder} is for {index.get('model')}, not "
+            f"{adapter.name}: {_hint(adapter.name)}"
+        )
 
 
 def _tuned_lens(model: Any, tuned: Any, index: dict[str, Any], folder: Path) -> TunedLens:
     """The tuned lens: given, else the one the basis folder records."""
     if isinstance(tuned, TunedLens):
         if tuned.adapter.model is not model:
-            raise LenskitError("the tuned lens was built for another model object: load it "
-                               "for this model")
+            raise LenskitError(
+                "the tuned lens was built for another model object: load it for this model"
+            )
         return tuned
     if tuned is not None:
         return TunedLens.load(model, tuned)
     record = index["lens"]
     if record.get("kind") != "tuned":
-        raise LenskitError(f"the causal basis in {folder} was extracted with the "
-                           f"{record.get('kind')} lens, not a tuned lens: pass tuned=DIR")
+        raise LenskitError(
+            f"the causal basis in {folder} was extracted with the "
+            f"{record.get('kind')} lens, not a tuned lens: pass tuned=DIR"
+        )
     if record.get("shipped"):
         return TunedLens.from_model(model)
     if not record.get("path"):
-        raise LenskitError(f"the causal basis in {folder} does not record where its tuned lens "
-                           "is: pass tuned=DIR")
+        raise LenskitError(
+            f"the causal basis in {folder} does not record where its tuned lens is: pass tuned=DIR"
+        )
     return TunedLens.load(model, record["path"])

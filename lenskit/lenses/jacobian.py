@@ -38,8 +38,14 @@ from lenskit.models import DEFAULT_MODEL, ModelAdapter
 if TYPE_CHECKING:
     from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
 
-__all__ = ["ARTIFACT_FILE", "JLens", "fit_hint", "lenskit_metadata", "resolve_path",
-           "shipped_jlens_path"]
+__all__ = [
+    "ARTIFACT_FILE",
+    "JLens",
+    "fit_hint",
+    "lenskit_metadata",
+    "resolve_path",
+    "shipped_jlens_path",
+]
 
 ARTIFACT_FILE = "lens.pt"  # what JacobianLens.from_pretrained reads from a folder
 _SHIPPED = {DEFAULT_MODEL: "smollm2-135m"}  # model name -> folder under assets/jacobian/
@@ -55,8 +61,10 @@ def shipped_jlens_path(model_name: str) -> Path | None:
 
 def fit_hint(name: str) -> str:
     """How to fit a J-lens for model ``name`` (the fix in error messages)."""
-    return (f"fit one with `lenskit fit-jacobian --model {name} --prompts 4 --out FILE` "
-            "and pass path=FILE")
+    return (
+        f"fit one with `lenskit fit-jacobian --model {name} --prompts 4 --out FILE` "
+        "and pass path=FILE"
+    )
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -67,8 +75,13 @@ def resolve_path(path: str | Path) -> Path:
 
 def lenskit_metadata(adapter: ModelAdapter) -> dict[str, Any]:
     """What lenskit records about the model under ``metadata["lenskit"]``."""
-    return {"model": adapter.name, "architecture": adapter.architecture,
-            "n_layers": adapter.n_layers, "d_model": adapter.d_model, "d_vocab": adapter.d_vocab}
+    return {
+        "model": adapter.name,
+        "architecture": adapter.architecture,
+        "n_layers": adapter.n_layers,
+        "d_model": adapter.d_model,
+        "d_vocab": adapter.d_vocab,
+    }
 
 
 def _first_line(err: BaseException) -> str:
@@ -86,8 +99,11 @@ def _names(*values: Any) -> set[str]:
 
 def _model_names(model: Any, adapter: ModelAdapter) -> set[str]:
     hf_config = getattr(getattr(model, "original_model", None), "config", None)
-    return _names(adapter.name, getattr(model.cfg, "model_name", None),
-                  getattr(hf_config, "_name_or_path", None))
+    return _names(
+        adapter.name,
+        getattr(model.cfg, "model_name", None),
+        getattr(hf_config, "_name_or_path", None),
+    )
 
 
 def _check_fits(tl: TLJacobianLens, model: Any, adapter: ModelAdapter, where: str) -> None:
@@ -95,31 +111,39 @@ def _check_fits(tl: TLJacobianLens, model: Any, adapter: ModelAdapter, where: st
     ours = f"this model ({adapter.name})"
     fix = "use a J-lens fitted for this model"
     if tl.d_model != adapter.d_model:
-        raise LenskitError(f"the J-lens in {where} was fitted for d_model {tl.d_model}, "
-                           f"{ours} has {adapter.d_model}: {fix}")
+        raise LenskitError(
+            f"the J-lens in {where} was fitted for d_model {tl.d_model}, "
+            f"{ours} has {adapter.d_model}: {fix}"
+        )
     meta = tl.metadata
     extra = meta.get("lenskit") if isinstance(meta.get("lenskit"), dict) else {}
     target = meta.get("target_layer")
-    recorded = {"layers": extra.get("n_layers"), "d_vocab": extra.get("d_vocab"),
-                "target": target + 1 if isinstance(target, int) else None}
+    recorded = {
+        "layers": extra.get("n_layers"),
+        "d_vocab": extra.get("d_vocab"),
+        "target": target + 1 if isinstance(target, int) else None,
+    }
     for key, value in recorded.items():
         have = adapter.d_vocab if key == "d_vocab" else adapter.n_layers
         if value is not None and value != have:
             what = f"a vocabulary of {value}" if key == "d_vocab" else f"{value} layers"
-            raise LenskitError(f"the J-lens in {where} was fitted for a model with {what}, "
-                               f"{ours} has {have}: {fix}")
+            raise LenskitError(
+                f"the J-lens in {where} was fitted for a model with {what}, "
+                f"{ours} has {have}: {fix}"
+            )
     bad = [layer for layer in tl.source_layers if not 0 <= layer < adapter.n_layers - 1]
     if bad:
-        raise LenskitError(f"the J-lens in {where} has matrices for block outputs {bad[:3]}, "
-                           f"outside 0..{adapter.n_layers - 2} of {ours}: {fix}")
+        raise LenskitError(
+            f"the J-lens in {where} has matrices for block outputs {bad[:3]}, "
+            f"outside 0..{adapter.n_layers - 2} of {ours}: {fix}"
+        )
     theirs = _names(extra.get("model"), meta.get("model_name"))
     if theirs and not theirs & _model_names(model, adapter):
         name = extra.get("model") or meta.get("model_name")
         raise LenskitError(f"the J-lens in {where} was fitted for {name}, not {ours}: {fix}")
     for layer, matrix in tl.jacobians.items():
         if not bool(torch.isfinite(matrix).all()):
-            raise LenskitError(f"the J-lens in {where} holds NaN or inf in layer {layer}: "
-                               "refit it")
+            raise LenskitError(f"the J-lens in {where} holds NaN or inf in layer {layer}: refit it")
 
 
 @register_lens("jacobian")
@@ -135,8 +159,9 @@ class JLens(Lens):
 
     description = "the average Jacobian of the final residual, then the final norm and unembedding"
 
-    def __init__(self, adapter: ModelAdapter, tl: TLJacobianLens, *,
-                 source: str | None = None) -> None:
+    def __init__(
+        self, adapter: ModelAdapter, tl: TLJacobianLens, *, source: str | None = None
+    ) -> None:
         super().__init__(adapter)
         self.tl = tl
         self.source = source
@@ -164,11 +189,14 @@ class JLens(Lens):
             name = ModelAdapter(model).name
             shipped = shipped_jlens_path(name)
             if shipped is None:
-                raise LenskitError(f"no J-lens is shipped for {name}: {fit_hint(name)} "
-                                   "(jacobian:FILE in the CLI)")
+                raise LenskitError(
+                    f"no J-lens is shipped for {name}: {fit_hint(name)} (jacobian:FILE in the CLI)"
+                )
             if not shipped.is_file():
-                raise LenskitError(f"the J-lens for {name} is not shipped in this installation: "
-                                   f"{fit_hint(name)} (jacobian:FILE in the CLI)")
+                raise LenskitError(
+                    f"the J-lens for {name} is not shipped in this installation: "
+                    f"{fit_hint(name)} (jacobian:FILE in the CLI)"
+                )
             path = shipped
         return cls.load(model, path)
 
@@ -187,13 +215,15 @@ class JLens(Lens):
 
         file = resolve_path(path)
         if not file.is_file():
-            raise LenskitError(f"no J-lens file at {file}: check the path, or "
-                               f"{fit_hint(ModelAdapter(model).name)}")
+            raise LenskitError(
+                f"no J-lens file at {file}: check the path, or {fit_hint(ModelAdapter(model).name)}"
+            )
         try:  # TL reads with weights_only=True: a file cannot run code
             tl = TLJacobianLens.load(str(file))
         except Exception as err:  # truncated zips, pickles, missing keys, bad shapes
-            raise LenskitError(f"{file} is not a readable J-lens ({_first_line(err)}): "
-                               "copy it again or refit it") from err
+            raise LenskitError(
+                f"{file} is not a readable J-lens ({_first_line(err)}): copy it again or refit it"
+            ) from err
         return cls.from_tl(model, tl, source=str(file))
 
     @classmethod
@@ -221,9 +251,10 @@ class JLens(Lens):
         except (TypeError, ValueError) as err:
             if recorded is not None:
                 tl.metadata["model_name"] = recorded
-            raise LenskitError(f"TransformerLens refuses the J-lens in {where} for "
-                               f"{adapter.name} ({_first_line(err)}): {fit_hint(adapter.name)}"
-                               ) from err
+            raise LenskitError(
+                f"TransformerLens refuses the J-lens in {where} for "
+                f"{adapter.name} ({_first_line(err)}): {fit_hint(adapter.name)}"
+            ) from err
         return lens
 
     @classmethod
@@ -233,12 +264,17 @@ class JLens(Lens):
 
         adapter = ModelAdapter(model)
         if adapter.n_layers < 2:
-            raise LenskitError(f"{adapter.name} has one block, so a J-lens has no matrices: "
-                               "use the logit lens")
+            raise LenskitError(
+                f"{adapter.name} has one block, so a J-lens has no matrices: use the logit lens"
+            )
         eye = torch.eye(adapter.d_model)
         meta = {"estimator": "identity", "lenskit": lenskit_metadata(adapter)}
-        tl = TLJacobianLens({layer: eye for layer in range(adapter.n_layers - 1)}, n_prompts=1,
-                            d_model=adapter.d_model, metadata=meta)
+        tl = TLJacobianLens(
+            {layer: eye for layer in range(adapter.n_layers - 1)},
+            n_prompts=1,
+            d_model=adapter.d_model,
+            metadata=meta,
+        )
         return cls.from_tl(model, tl)
 
     @property
@@ -282,8 +318,12 @@ class JLens(Lens):
         from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
 
         file = resolve_path(path)
-        out = TLJacobianLens(self.tl.jacobians, n_prompts=self.tl.n_prompts,
-                             d_model=self.tl.d_model, metadata=self._file_metadata)
+        out = TLJacobianLens(
+            self.tl.jacobians,
+            n_prompts=self.tl.n_prompts,
+            d_model=self.tl.d_model,
+            metadata=self._file_metadata,
+        )
         with atomic_open(file, "wb") as handle:
             out.save(handle, dtype=dtype)  # type: ignore[arg-type]  (torch.save takes a file)
         return file

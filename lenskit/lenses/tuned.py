@@ -29,8 +29,14 @@ from lenskit.io import atomic_open, atomic_torch_save, atomic_write_json
 from lenskit.lenses.base import Lens, register_lens
 from lenskit.models import DEFAULT_MODEL, ModelAdapter
 
-__all__ = ["CONFIG_FILE", "LENS_TYPE", "PARAMS_PT", "PARAMS_SAFETENSORS", "TunedLens",
-           "shipped_lens_dir"]
+__all__ = [
+    "CONFIG_FILE",
+    "LENS_TYPE",
+    "PARAMS_PT",
+    "PARAMS_SAFETENSORS",
+    "TunedLens",
+    "shipped_lens_dir",
+]
 
 LENS_TYPE = "linear_tuned_lens"
 CONFIG_FILE = "config.json"
@@ -74,8 +80,10 @@ class TunedLens(Lens):
         dtype = dtype or (w_u.dtype if w_u.is_floating_point() else torch.float32)
         d = adapter.d_model
         self.translators = torch.nn.ModuleList(
-            [torch.nn.Linear(d, d, bias=True, dtype=dtype, device=w_u.device)
-             for _ in range(adapter.n_layers)]
+            [
+                torch.nn.Linear(d, d, bias=True, dtype=dtype, device=w_u.device)
+                for _ in range(adapter.n_layers)
+            ]
         )
         with torch.no_grad():
             for translator in self.translators:
@@ -105,11 +113,15 @@ class TunedLens(Lens):
         if path is None:
             shipped = shipped_lens_dir(adapter.name)
             if shipped is None:
-                raise LenskitError(f"no tuned lens is shipped for {adapter.name}: "
-                                   f"{_train_hint(adapter.name)} (tuned:DIR in the CLI)")
+                raise LenskitError(
+                    f"no tuned lens is shipped for {adapter.name}: "
+                    f"{_train_hint(adapter.name)} (tuned:DIR in the CLI)"
+                )
             if not (shipped / CONFIG_FILE).is_file():
-                raise LenskitError(f"the shipped tuned lens for {adapter.name} is missing from "
-                                   "the installed package: reinstall lenskit or pass path=")
+                raise LenskitError(
+                    f"the shipped tuned lens for {adapter.name} is missing from "
+                    "the installed package: reinstall lenskit or pass path="
+                )
             path = shipped
         return cls.load(model, path)
 
@@ -158,8 +170,12 @@ class TunedLens(Lens):
             "base_model_revision": None,
             "unembed_hash": None,
             "lens_type": LENS_TYPE,
-            "lenskit": {"model": self.adapter.name, "d_vocab": self.adapter.d_vocab,
-                        "architecture": self.adapter.architecture, **self.info},
+            "lenskit": {
+                "model": self.adapter.name,
+                "d_vocab": self.adapter.d_vocab,
+                "architecture": self.adapter.architecture,
+                **self.info,
+            },
         }
 
     def translator_state(self) -> dict[str, Tensor]:
@@ -182,10 +198,13 @@ class TunedLens(Lens):
         """
         folder = Path(path).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.to(device="cpu", dtype=dtype or v.dtype).contiguous()
-                 for k, v in self.translator_state().items()}
-        name, stale = (PARAMS_SAFETENSORS, PARAMS_PT) if safetensors else (PARAMS_PT,
-                                                                           PARAMS_SAFETENSORS)
+        state = {
+            k: v.to(device="cpu", dtype=dtype or v.dtype).contiguous()
+            for k, v in self.translator_state().items()
+        }
+        name, stale = (
+            (PARAMS_SAFETENSORS, PARAMS_PT) if safetensors else (PARAMS_PT, PARAMS_SAFETENSORS)
+        )
         if safetensors:
             from safetensors.torch import save as st_save
 
@@ -220,27 +239,35 @@ def _base_model_name(adapter: ModelAdapter) -> str:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
-        raise LenskitError(f"no tuned lens folder at {folder}: check the path, or "
-                           f"{_train_hint('MODEL')}")
+        raise LenskitError(
+            f"no tuned lens folder at {folder}: check the path, or {_train_hint('MODEL')}"
+        )
     file = folder / CONFIG_FILE
     if not file.is_file():
-        raise LenskitError(f"{folder} has no {CONFIG_FILE}: give a folder written by "
-                           "`lenskit train` or the tuned-lens package")
+        raise LenskitError(
+            f"{folder} has no {CONFIG_FILE}: give a folder written by "
+            "`lenskit train` or the tuned-lens package"
+        )
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LenskitError(f"{file} is unreadable or not JSON ({type(err).__name__}): "
-                           "copy the lens again or retrain it") from err
+        raise LenskitError(
+            f"{file} is unreadable or not JSON ({type(err).__name__}): "
+            "copy the lens again or retrain it"
+        ) from err
     if not isinstance(config, dict):
         raise LenskitError(f"{file} is not a JSON object: copy the lens again or retrain it")
     missing = [k for k in ("d_model", "num_hidden_layers") if not isinstance(config.get(k), int)]
     if missing:
-        raise LenskitError(f"{file} lacks integer {', '.join(missing)}: "
-                           "give a tuned-lens config.json")
+        raise LenskitError(
+            f"{file} lacks integer {', '.join(missing)}: give a tuned-lens config.json"
+        )
     lens_type = config.setdefault("lens_type", LENS_TYPE)
     if lens_type != LENS_TYPE:
-        raise LenskitError(f"the lens in {folder} is a {lens_type!r}, not a {LENS_TYPE!r}: "
-                           "lenskit reads only linear tuned lenses")
+        raise LenskitError(
+            f"the lens in {folder} is a {lens_type!r}, not a {LENS_TYPE!r}: "
+            "lenskit reads only linear tuned lenses"
+        )
     config.setdefault("bias", True)
     return config
 
@@ -267,8 +294,10 @@ def _load_state(folder: Path) -> tuple[Path, Any]:
     pt, st = folder / PARAMS_PT, folder / PARAMS_SAFETENSORS
     file = pt if pt.is_file() else st
     if not file.is_file():
-        raise LenskitError(f"{folder} has no {PARAMS_PT} or {PARAMS_SAFETENSORS}: copy the "
-                           "lens again or retrain it")
+        raise LenskitError(
+            f"{folder} has no {PARAMS_PT} or {PARAMS_SAFETENSORS}: copy the "
+            "lens again or retrain it"
+        )
     try:
         if file is st:
             from safetensors.torch import load_file
@@ -277,8 +306,9 @@ def _load_state(folder: Path) -> tuple[Path, Any]:
         return file, torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zips, bad pickles, bad headers: all one message
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        raise LenskitError(f"{file} is truncated or corrupt ({first}): copy the lens again "
-                           "or retrain it") from err
+        raise LenskitError(
+            f"{file} is truncated or corrupt ({first}): copy the lens again or retrain it"
+        ) from err
 
 
 def _read_params(folder: Path, n_layers: int, d_model: int, bias: bool) -> dict[str, Tensor]:
@@ -293,16 +323,23 @@ def _read_params(folder: Path, n_layers: int, d_model: int, bias: bool) -> dict[
     missing = [k for k in shapes if k not in state]
     unexpected = [k for k in state if k not in shapes]
     if missing or unexpected:
-        which = (f"lacks {', '.join(missing[:3])}" if missing
-                 else f"has unexpected {', '.join(unexpected[:3])}")
+        which = (
+            f"lacks {', '.join(missing[:3])}"
+            if missing
+            else f"has unexpected {', '.join(unexpected[:3])}"
+        )
         more = len(missing or unexpected) - 3
-        raise LenskitError(f"{file} {which}{f' (+{more} more)' if more > 0 else ''}: it must "
-                           f"hold 0.weight, 0.bias, ... for {n_layers} layers; retrain the lens")
+        raise LenskitError(
+            f"{file} {which}{f' (+{more} more)' if more > 0 else ''}: it must "
+            f"hold 0.weight, 0.bias, ... for {n_layers} layers; retrain the lens"
+        )
     for key, shape in shapes.items():
         value = state[key]
         if tuple(value.shape) != shape or not value.is_floating_point():
-            raise LenskitError(f"{key} in {file} is {value.dtype} {tuple(value.shape)}, not float "
-                               f"{shape}: use a lens trained for this model")
+            raise LenskitError(
+                f"{key} in {file} is {value.dtype} {tuple(value.shape)}, not float "
+                f"{shape}: use a lens trained for this model"
+            )
         if not bool(torch.isfinite(value).all()):
             raise LenskitError(f"{key} in {file} holds NaN or inf: retrain the lens")
     return state

@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
-from lenskit.causal_basis import CausalBasis
 from lenskit.errors import LenskitError
+from lenskit.lenses.basis import CausalBasis
 from lenskit.plotting.style import PALETTE, TEMPLATE, display_token
 
 __all__ = ["direction_tokens_plot", "influence_plot"]
@@ -36,24 +36,44 @@ def influence_plot(basis: CausalBasis, *, title: str | None = None) -> go.Figure
     fig = go.Figure()
     for i, (name, values) in enumerate(series.items()):
         y = [v if v > 0 else None for v in values.tolist()]  # a log axis has no zero
-        fig.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers", name=name,
-            line={"color": PALETTE[i], "width": 2, "dash": "solid" if i == 0 else "dot"},
-            marker={"size": 8, "symbol": "circle" if i == 0 else "diamond"},
-            hovertemplate=f"direction %{{x}} · {name}: %{{y:.4g}} bits<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines+markers",
+                name=name,
+                line={"color": PALETTE[i], "width": 2, "dash": "solid" if i == 0 else "dot"},
+                marker={"size": 8, "symbol": "circle" if i == 0 else "diamond"},
+                hovertemplate=f"direction %{{x}} · {name}: %{{y:.4g}} bits<extra></extra>",
+            )
+        )
     s = basis.settings
     rho = basis.spearman
     rho_text = f" · Spearman ρ = {rho:.2f}" if not math.isnan(rho) else ""
     ablation = s.get("config", {}).get("ablation", "")
     fig.update_layout(
         template=TEMPLATE,
-        title_text=title or (f"Causal basis of layer {basis.layer} · {s.get('model', '')} · "
-                             f"{ablation} ablation{rho_text}"),
-        xaxis={"title_text": "direction (sorted by lens influence)", "tickmode": "array",
-               "tickvals": x, "showgrid": False, "zeroline": False},
-        yaxis={"title_text": "KL of the ablated output, bits per token", "type": "log",
-               **_log_ticks([v for t in series.values() for v in t.tolist() if v > 0])},
-        width=760, height=440, hovermode="x unified")
+        title_text=title
+        or (
+            f"Causal basis of layer {basis.layer} · {s.get('model', '')} · "
+            f"{ablation} ablation{rho_text}"
+        ),
+        xaxis={
+            "title_text": "direction (sorted by lens influence)",
+            "tickmode": "array",
+            "tickvals": x,
+            "showgrid": False,
+            "zeroline": False,
+        },
+        yaxis={
+            "title_text": "KL of the ablated output, bits per token",
+            "type": "log",
+            **_log_ticks([v for t in series.values() for v in t.tolist() if v > 0]),
+        },
+        width=760,
+        height=440,
+        hovermode="x unified",
+    )
     return fig
 
 
@@ -75,7 +95,7 @@ def direction_tokens_plot(frame: pd.DataFrame, *, title: str | None = None) -> g
 
     One row per direction; cells hold a token, coloured by the change of its logit per unit
     step along the direction (blue: up, orange: down), from
-    :func:`lenskit.causal_influence.direction_tokens`.
+    :func:`lenskit.causal.influence.direction_tokens`.
 
     Args:
         frame: Columns ``direction``, ``side`` (``promotes`` / ``suppresses``), ``rank``,
@@ -90,8 +110,10 @@ def direction_tokens_plot(frame: pd.DataFrame, *, title: str | None = None) -> g
     """
     missing = [c for c in _TOKEN_COLUMNS if c not in getattr(frame, "columns", ())]
     if missing:
-        raise LenskitError(f"the token table lacks column(s) {', '.join(missing)}: build it "
-                           "with lenskit.causal_influence.direction_tokens")
+        raise LenskitError(
+            f"the token table lacks column(s) {', '.join(missing)}: build it "
+            "with lenskit.causal.influence.direction_tokens"
+        )
     if frame.empty:
         raise LenskitError("the token table is empty: give a basis with at least one direction")
     directions = sorted(frame["direction"].unique().tolist())
@@ -105,22 +127,46 @@ def direction_tokens_plot(frame: pd.DataFrame, *, title: str | None = None) -> g
         c = columns.index(row.rank if row.side == "promotes" else -row.rank)
         z[r][c] = float(row.logit_change)
         text[r][c] = display_token(row.token, 12)
-        hover[r][c] = (f"direction {row.direction} {row.side} {display_token(row.token, 40)}"
-                       f"<br>logit change {float(row.logit_change):+.3g} per unit step")
+        hover[r][c] = (
+            f"direction {row.direction} {row.side} {display_token(row.token, 40)}"
+            f"<br>logit change {float(row.logit_change):+.3g} per unit step"
+        )
     scale = max((abs(v) for line in z for v in line if not math.isnan(v)), default=1.0) or 1.0
-    fig = go.Figure(go.Heatmap(
-        z=z, x=[str(c) for c in columns], y=[f"dir {d}" for d in directions], text=text,
-        texttemplate="%{text}", customdata=hover, hovertemplate="%{customdata}<extra></extra>",
-        colorscale=[[0.0, PALETTE[1]], [0.5, "#ffffff"], [1.0, PALETTE[0]]], zmin=-scale,
-        zmax=scale, xgap=1, ygap=1, colorbar={"title": {"text": "logit change"}}))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[str(c) for c in columns],
+            y=[f"dir {d}" for d in directions],
+            text=text,
+            texttemplate="%{text}",
+            customdata=hover,
+            hovertemplate="%{customdata}<extra></extra>",
+            colorscale=[[0.0, PALETTE[1]], [0.5, "#ffffff"], [1.0, PALETTE[0]]],
+            zmin=-scale,
+            zmax=scale,
+            xgap=1,
+            ygap=1,
+            colorbar={"title": {"text": "logit change"}},
+        )
+    )
     attrs = frame.attrs
     fig.update_layout(
         template=TEMPLATE,
-        title_text=title or (f"Tokens each causal direction moves · layer {attrs.get('layer', '?')}"
-                             f" · {attrs.get('model', '')}"),
-        xaxis={"title_text": "← suppressed (rank)   |   promoted (rank) →", "side": "bottom",
-               "tickmode": "array", "tickvals": [str(c) for c in columns],
-               "ticktext": [str(abs(c)) for c in columns], "showgrid": False},
+        title_text=title
+        or (
+            f"Tokens each causal direction moves · layer {attrs.get('layer', '?')}"
+            f" · {attrs.get('model', '')}"
+        ),
+        xaxis={
+            "title_text": "← suppressed (rank)   |   promoted (rank) →",
+            "side": "bottom",
+            "tickmode": "array",
+            "tickvals": [str(c) for c in columns],
+            "ticktext": [str(abs(c)) for c in columns],
+            "showgrid": False,
+        },
         yaxis={"autorange": "reversed", "showgrid": False},
-        width=max(640, 90 * len(columns) + 160), height=max(300, 40 * len(directions) + 160))
+        width=max(640, 90 * len(columns) + 160),
+        height=max(300, 40 * len(directions) + 160),
+    )
     return fig

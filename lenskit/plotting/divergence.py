@@ -61,28 +61,57 @@ def divergence_heatmap(
     for r in rows:
         covered = bool(div.covered[r])
         label = div.layer_labels[r] if covered else f"{div.layer_labels[r]} (not covered)"
-        hover.append([
-            [label, f"{p}: {display_token(div.tokens[p])}", fmt_bits(float(div.kl[r, p])),
-             fmt_bits(float(div.js[r, p])), fmt_prob(float(div.tv[r, p])),
-             display_token(div.top1_a[r][p]) if covered else NA,
-             display_token(div.top1_b[r][p]) if covered else NA]
-            for p in cols
-        ])
-    template = "<br>".join([
-        f"<b>{field(0)}</b> · pos {field(1)}",  # %{x} would show the tick label
-        f"KL({div.lens_a} ‖ {div.lens_b}) {field(2)} bits",
-        f"Jensen-Shannon {field(3)} bits · total variation {field(4)}",
-        f"top-1 {div.lens_a}: {field(5)} · {div.lens_b}: {field(6)}",
-    ]) + "<extra></extra>"
+        hover.append(
+            [
+                [
+                    label,
+                    f"{p}: {display_token(div.tokens[p])}",
+                    fmt_bits(float(div.kl[r, p])),
+                    fmt_bits(float(div.js[r, p])),
+                    fmt_prob(float(div.tv[r, p])),
+                    display_token(div.top1_a[r][p]) if covered else NA,
+                    display_token(div.top1_b[r][p]) if covered else NA,
+                ]
+                for p in cols
+            ]
+        )
+    template = (
+        "<br>".join(
+            [
+                f"<b>{field(0)}</b> · pos {field(1)}",  # %{x} would show the tick label
+                f"KL({div.lens_a} ‖ {div.lens_b}) {field(2)} bits",
+                f"Jensen-Shannon {field(3)} bits · total variation {field(4)}",
+                f"top-1 {div.lens_a}: {field(5)} · {div.lens_b}: {field(6)}",
+            ]
+        )
+        + "<extra></extra>"
+    )
     label = f"KL({div.lens_a} ‖ {div.lens_b}) (bits)" if measure == "kl" else MEASURES[measure]
     spec = Statistic(label, _DIVERGENCE_SCALE, None if measure == "kl" else (0.0, 1.0))
     fig = go.Figure()  # add_trace validates the big arrays once; Figure(trace) copies them
-    fig.add_trace(heatmap_trace(shown, text, hover, template, cols,
-                                show_text=bool(size["show_text"]), xgap=int(size["xgap"])))
+    fig.add_trace(
+        heatmap_trace(
+            shown,
+            text,
+            hover,
+            template,
+            cols,
+            show_text=bool(size["show_text"]),
+            xgap=int(size["xgap"]),
+        )
+    )
     fig.update_layout(
         coloraxis=color_axis(spec, [shown], _DIVERGENCE_SCALE),
         title_text=title or f"{spec.label}: {div.lens_a} vs {div.lens_b} lens · {div.model_name}",
     )
-    grid_axes(fig, div.layer_labels, div.covered.tolist(), div.tokens, rows, cols, size,
-               [(f"{div.lens_a} or {div.lens_b}", div.covered.tolist())])
+    grid_axes(
+        fig,
+        div.layer_labels,
+        div.covered.tolist(),
+        div.tokens,
+        rows,
+        cols,
+        size,
+        [(f"{div.lens_a} or {div.lens_b}", div.covered.tolist())],
+    )
     return fig

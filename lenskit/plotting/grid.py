@@ -11,8 +11,16 @@ import plotly.graph_objects as go
 
 from lenskit.plotting.style import MISSING_COLOR, TEMPLATE, display_token
 
-__all__ = ["NA", "Statistic", "color_axis", "field", "fmt_bits", "fmt_prob",
-           "grid_axes", "heatmap_trace"]
+__all__ = [
+    "NA",
+    "Statistic",
+    "color_axis",
+    "field",
+    "fmt_bits",
+    "fmt_prob",
+    "grid_axes",
+    "heatmap_trace",
+]
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,15 @@ def field(i: int) -> str:
 
 
 def heatmap_trace(
-    values: np.ndarray, text: list[list[str]], hover: list[list[list[str]]], template: str,
-    cols: list[int], *, show_text: bool, xgap: int = 1, name: str | None = None,
+    values: np.ndarray,
+    text: list[list[str]],
+    hover: list[list[list[str]]],
+    template: str,
+    cols: list[int],
+    *,
+    show_text: bool,
+    xgap: int = 1,
+    name: str | None = None,
 ) -> go.Heatmap:
     """A layer x position heatmap trace; row ``i`` of ``values`` is drawn at ``y = i``.
 
@@ -75,10 +90,18 @@ def heatmap_trace(
         The trace, on the shared ``coloraxis``.
     """
     return go.Heatmap(
-        x=np.asarray(cols), y=np.arange(values.shape[0]), z=np.asarray(values, dtype=float),
-        text=np.array(text, dtype=str), customdata=np.array(hover, dtype=str),
-        texttemplate="%{text}" if show_text else None, textfont={"size": 10},
-        hovertemplate=template, coloraxis="coloraxis", xgap=xgap, ygap=1, name=name,
+        x=np.asarray(cols),
+        y=np.arange(values.shape[0]),
+        z=np.asarray(values, dtype=float),
+        text=np.array(text, dtype=str),
+        customdata=np.array(hover, dtype=str),
+        texttemplate="%{text}" if show_text else None,
+        textfont={"size": 10},
+        hovertemplate=template,
+        coloraxis="coloraxis",
+        xgap=xgap,
+        ygap=1,
+        name=name,
     )
 
 
@@ -86,24 +109,30 @@ def color_axis(spec: Statistic, values: list[np.ndarray], colorscale: str) -> di
     """A ``layout.coloraxis`` for ``spec`` spanning the shown ``values`` (of every panel)."""
     finite = [v[np.isfinite(v)] for v in values]
     top = max((float(v.max()) for v in finite if v.size), default=1.0)
-    axis: dict = {"colorscale": colorscale, "colorbar": {"title": {"text": spec.label,
-                                                                    "side": "right"}}}
+    axis: dict = {
+        "colorscale": colorscale,
+        "colorbar": {"title": {"text": spec.label, "side": "right"}},
+    }
     if spec.fixed is not None:
         axis["cmin"], axis["cmax"] = spec.fixed
     elif spec.log_rank:
         axis["cmin"], axis["cmax"] = 0.0, max(1.0, top)
         ticks = list(range(math.floor(axis["cmax"]) + 1))
-        axis["colorbar"].update(
-            tickvals=ticks, ticktext=[f"{10 ** t:,}" for t in ticks]
-        )
+        axis["colorbar"].update(tickvals=ticks, ticktext=[f"{10**t:,}" for t in ticks])
     else:
         axis["cmin"], axis["cmax"] = 0.0, max(top, 1e-6)
     return axis
 
 
 def grid_axes(
-    fig: go.Figure, labels: Sequence[str], covered: Sequence[bool], tokens: Sequence[str],
-    rows: list[int], cols: list[int], size: dict, panels: Sequence[tuple[str, Sequence[bool]]],
+    fig: go.Figure,
+    labels: Sequence[str],
+    covered: Sequence[bool],
+    tokens: Sequence[str],
+    rows: list[int],
+    cols: list[int],
+    size: dict,
+    panels: Sequence[tuple[str, Sequence[bool]]],
 ) -> None:
     """Ticks (tokens, layer labels), sizing, and a note on each panel's uncovered rows."""
     step = int(size["tick_step"])
@@ -113,13 +142,23 @@ def grid_axes(
     room = size["cell_w"] * step
     angle = 0 if longest * 7.5 <= room else (-45 if room >= 20 else -90)
     fig.update_xaxes(
-        tickmode="array", tickvals=shown, ticktext=ticktext, showgrid=False, zeroline=False,
-        tickangle=angle, tickfont={"size": 11}, title_text="input token",
+        tickmode="array",
+        tickvals=shown,
+        ticktext=ticktext,
+        showgrid=False,
+        zeroline=False,
+        tickangle=angle,
+        tickfont={"size": 11},
+        title_text="input token",
     )
     ylabels = [labels[r] if covered[r] else f"{labels[r]} (not covered)" for r in rows]
     fig.update_yaxes(
-        tickmode="array", tickvals=list(range(len(rows))), ticktext=ylabels,
-        showgrid=False, zeroline=False, tickfont={"size": 11},
+        tickmode="array",
+        tickvals=list(range(len(rows))),
+        ticktext=ylabels,
+        showgrid=False,
+        zeroline=False,
+        tickfont={"size": 11},
     )
     fig.layout.yaxis.title.text = "layer"  # the first (left) panel only
     for i, (name, panel_covered) in enumerate(panels, start=1):
@@ -127,13 +166,19 @@ def grid_axes(
         for y, row in enumerate(rows):
             if not panel_covered[row]:
                 fig.add_annotation(
-                    x=(cols[0] + cols[-1]) / 2, y=y, xref=f"x{axis}", yref=f"y{axis}",
-                    text=f"not covered by the {name} lens", showarrow=False,
+                    x=(cols[0] + cols[-1]) / 2,
+                    y=y,
+                    xref=f"x{axis}",
+                    yref=f"y{axis}",
+                    text=f"not covered by the {name} lens",
+                    showarrow=False,
                     font={"size": 11, "color": "#555555"},
                 )
     tick_room = 7 * max(len(label) for label in ylabels) + 50
     fig.update_layout(
-        template=TEMPLATE, plot_bgcolor=MISSING_COLOR, width=size["width"],
+        template=TEMPLATE,
+        plot_bgcolor=MISSING_COLOR,
+        width=size["width"],
         height=size["height"] + (0 if angle == 0 else 6 * min(longest, 16)),
         margin={"l": max(90, tick_room), "b": 70 + (0 if angle == 0 else 6 * min(longest, 16))},
     )

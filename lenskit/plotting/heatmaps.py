@@ -48,9 +48,7 @@ STATISTICS: dict[str, Statistic] = {
 def _statistic(traj: Trajectory, statistic: str) -> np.ndarray:
     """The statistic's colour values, ``[layer, pos]`` float64 with NaN for no value."""
     if statistic not in STATISTICS:
-        raise LenskitError(
-            f"unknown statistic {statistic!r}: use one of {', '.join(STATISTICS)}"
-        )
+        raise LenskitError(f"unknown statistic {statistic!r}: use one of {', '.join(STATISTICS)}")
     if statistic.startswith("target_") and traj.target_prob is None:
         raise LenskitError(
             f"statistic {statistic!r} needs a target token: pass target=' Paris' to "
@@ -119,20 +117,31 @@ def _trajectory_hover(
 
 
 def _trajectory_trace(
-    traj: Trajectory, statistic: str, rows: list[int], cols: list[int], hover_k: int,
+    traj: Trajectory,
+    statistic: str,
+    rows: list[int],
+    cols: list[int],
+    hover_k: int,
     size: dict,
 ) -> go.Heatmap:
     values = _statistic(traj, statistic)[np.ix_(rows, cols)]
     k = min(hover_k, traj.top_probs.shape[-1])
     covered = traj.covered.tolist()
     text = [
-        [display_token(traj.top_tokens[r][p][0], _CELL_CHARS) if covered[r] else ""
-         for p in cols]
+        [display_token(traj.top_tokens[r][p][0], _CELL_CHARS) if covered[r] else "" for p in cols]
         for r in rows
     ]
     hover, template = _trajectory_hover(traj, rows, cols, k)
-    return heatmap_trace(values, text, hover, template, cols, show_text=bool(size["show_text"]),
-                         xgap=int(size["xgap"]), name=traj.lens_kind)
+    return heatmap_trace(
+        values,
+        text,
+        hover,
+        template,
+        cols,
+        show_text=bool(size["show_text"]),
+        xgap=int(size["xgap"]),
+        name=traj.lens_kind,
+    )
 
 
 def trajectory_heatmap(
@@ -186,8 +195,16 @@ def trajectory_heatmap(
         coloraxis=color_axis(spec, [values[np.ix_(rows, cols)]], spec.colorscale),
         title_text=title or f"{spec.label} · {traj.lens_kind} lens · {traj.model_name}",
     )
-    grid_axes(fig, traj.layer_labels, traj.covered.tolist(), traj.tokens, rows, cols, size,
-               [(traj.lens_kind, traj.covered.tolist())])
+    grid_axes(
+        fig,
+        traj.layer_labels,
+        traj.covered.tolist(),
+        traj.tokens,
+        rows,
+        cols,
+        size,
+        [(traj.lens_kind, traj.covered.tolist())],
+    )
     return fig
 
 
@@ -223,8 +240,10 @@ def compare_heatmaps(
     """
     trajs = list(trajs)
     if not 2 <= len(trajs) <= MAX_PANELS:
-        raise LenskitError(f"compare_heatmaps takes 2 to {MAX_PANELS} trajectories, got "
-                           f"{len(trajs)}: compare fewer lenses at a time")
+        raise LenskitError(
+            f"compare_heatmaps takes 2 to {MAX_PANELS} trajectories, got "
+            f"{len(trajs)}: compare fewer lenses at a time"
+        )
     first = trajs[0]
     for other in trajs[1:]:
         if other.model_name != first.model_name:
@@ -249,7 +268,10 @@ def compare_heatmaps(
         traj.cells.check_shown(rows, cols, f"{traj.lens_kind} trajectory")
     size = grid_size(len(rows), len(cols), panels=len(trajs))
     fig = make_subplots(
-        rows=1, cols=len(trajs), shared_yaxes=True, horizontal_spacing=0.03,
+        rows=1,
+        cols=len(trajs),
+        shared_yaxes=True,
+        horizontal_spacing=0.03,
         subplot_titles=labels,
     )
     for i, traj in enumerate(trajs, start=1):
@@ -261,7 +283,15 @@ def compare_heatmaps(
     # A row is drawn blank in a panel whose lens skips it; the label says so only
     # when every lens skips it.
     covered = [any(bool(t.covered[r]) for t in trajs) for r in range(first.n_layers)]
-    grid_axes(fig, first.layer_labels, covered, first.tokens, rows, cols, size,
-               [(label, t.covered.tolist()) for label, t in zip(labels, trajs, strict=True)])
+    grid_axes(
+        fig,
+        first.layer_labels,
+        covered,
+        first.tokens,
+        rows,
+        cols,
+        size,
+        [(label, t.covered.tolist()) for label, t in zip(labels, trajs, strict=True)],
+    )
     fig.update_xaxes(matches="x")
     return fig

@@ -56,11 +56,23 @@ def _mark_uncovered(fig: go.Figure, frame: pd.DataFrame) -> None:
     for lens, layer in zip(missing["lens"], missing["layer"].astype(int), strict=True):
         by_layer.setdefault(layer, []).append(str(lens))
     for layer, names in sorted(by_layer.items()):
-        fig.add_vrect(x0=layer - 0.5, x1=layer + 0.5, fillcolor=MISSING_COLOR, opacity=0.45,
-                      line_width=0, layer="below")
+        fig.add_vrect(
+            x0=layer - 0.5,
+            x1=layer + 0.5,
+            fillcolor=MISSING_COLOR,
+            opacity=0.45,
+            line_width=0,
+            layer="below",
+        )
         fig.add_annotation(
-            x=layer, y=0.5, xref="x", yref="paper", textangle=-90, showarrow=False,
-            text=f"not covered by {', '.join(names)}", font={"size": 11, "color": "#555555"},
+            x=layer,
+            y=0.5,
+            xref="x",
+            yref="paper",
+            textangle=-90,
+            showarrow=False,
+            text=f"not covered by {', '.join(names)}",
+            font={"size": 11, "color": "#555555"},
         )
 
 
@@ -147,21 +159,37 @@ def metric_lines(
         if has_bounds or has_se:
             lo, hi = lo.where(y.notna()), hi.where(y.notna())
             band_x, band_y = _band(x, lo.tolist(), hi.tolist())
-            fig.add_trace(go.Scatter(
-                x=band_x, y=band_y, fill="toself", mode="lines",
-                fillcolor=_band_color(color), line={"width": 0}, hoverinfo="skip",
-                showlegend=False, legendgroup=str(lens), name=f"{lens} band",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=band_x,
+                    y=band_y,
+                    fill="toself",
+                    mode="lines",
+                    fillcolor=_band_color(color),
+                    line={"width": 0},
+                    hoverinfo="skip",
+                    showlegend=False,
+                    legendgroup=str(lens),
+                    name=f"{lens} band",
+                )
+            )
         band = ""
         if has_bounds or has_se:
             band = " [%{customdata[0]:.3g}, %{customdata[1]:.3g}]"
-        fig.add_trace(go.Scatter(
-            x=x, y=[v if _finite(v) else None for v in y.tolist()], mode="lines+markers",
-            name=str(lens), legendgroup=str(lens), connectgaps=False,
-            line={"color": color, "width": 2}, marker={"size": 5},
-            customdata=list(zip(lo, hi, strict=True)) if band else None,
-            hovertemplate=f"{lens}: %{{y:.3g}}{band}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[v if _finite(v) else None for v in y.tolist()],
+                mode="lines+markers",
+                name=str(lens),
+                legendgroup=str(lens),
+                connectgaps=False,
+                line={"color": color, "width": 2},
+                marker={"size": 5},
+                customdata=list(zip(lo, hi, strict=True)) if band else None,
+                hovertemplate=f"{lens}: %{{y:.3g}}{band}<extra></extra>",
+            )
+        )
     layers = sorted(frame["layer"].astype(int).unique().tolist())
     xaxis: dict = {"title_text": "layer", "showgrid": False, "zeroline": False}
     if "layer_label" in frame.columns:
@@ -170,10 +198,13 @@ def metric_lines(
         ticks = layers[::step] if layers[-1] in layers[::step] else [*layers[::step], layers[-1]]
         xaxis.update(tickmode="array", tickvals=ticks, ticktext=[str(names[t]) for t in ticks])
     fig.update_layout(
-        template=TEMPLATE, title_text=title or f"{_metric_title(metric)} by layer",
-        xaxis=xaxis, yaxis={"title_text": _metric_title(metric),
-                            "type": "log" if log_y else "linear"},
-        width=820, height=460, hovermode="x unified",
+        template=TEMPLATE,
+        title_text=title or f"{_metric_title(metric)} by layer",
+        xaxis=xaxis,
+        yaxis={"title_text": _metric_title(metric), "type": "log" if log_y else "linear"},
+        width=820,
+        height=460,
+        hovermode="x unified",
     )
     _mark_uncovered(fig, frame)
     return fig
@@ -268,12 +299,19 @@ def target_plot(
                 name = f"{traj.lens_kind} · {where}" if len(chosen) > 1 else traj.lens_kind
             color = PALETTE[(i if many else j) % len(PALETTE)]
             dash = ("solid", "dash", "dot", "dashdot")[j % 4] if many else "solid"
-            fig.add_trace(go.Scatter(
-                x=x, y=ys, mode="lines+markers", name=name, connectgaps=False,
-                line={"color": color, "width": 2, "dash": dash}, marker={"size": 5},
-                customdata=[display_token(traj.top_tokens[r][pos][0]) for r in x],
-                hovertemplate=f"{name}: %{{y:{fmt}}} (top-1 %{{customdata}})<extra></extra>",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=ys,
+                    mode="lines+markers",
+                    name=name,
+                    connectgaps=False,
+                    line={"color": color, "width": 2, "dash": dash},
+                    marker={"size": 5},
+                    customdata=[display_token(traj.top_tokens[r][pos][0]) for r in x],
+                    hovertemplate=f"{name}: %{{y:{fmt}}} (top-1 %{{customdata}})<extra></extra>",
+                )
+            )
     step = max(1, math.ceil(len(x) / 32))
     ticks = x[::step] if x[-1] in x[::step] else [*x[::step], x[-1]]
     if value == "prob":
@@ -283,9 +321,17 @@ def target_plot(
     fig.update_layout(
         template=TEMPLATE,
         title_text=title or f"target {display_token(first.target)} · {first.model_name}",
-        xaxis={"title_text": "layer", "tickmode": "array", "tickvals": ticks,
-               "ticktext": [first.layer_labels[t] for t in ticks], "showgrid": False,
-               "zeroline": False},
-        yaxis=yaxis, width=820, height=460, hovermode="x unified",
+        xaxis={
+            "title_text": "layer",
+            "tickmode": "array",
+            "tickvals": ticks,
+            "ticktext": [first.layer_labels[t] for t in ticks],
+            "showgrid": False,
+            "zeroline": False,
+        },
+        yaxis=yaxis,
+        width=820,
+        height=460,
+        hovermode="x unified",
     )
     return fig

@@ -1,7 +1,7 @@
 """Causal basis extraction: the k residual directions of a layer that matter most to a lens.
 
 Directions are found one after another (Belrose et al. 2023, causal basis extraction).
-Direction ``i`` maximises the lens influence of :class:`~lenskit.causal_influence.LensObjective`
+Direction ``i`` maximises the lens influence of :class:`~lenskit.causal.influence.LensObjective`
 (mean KL between the lens's output and its output with the direction ablated, over training
 tokens) over unit vectors orthogonal to directions ``0..i-1``: ``v = P theta / |P theta|`` with
 ``P`` the projector onto their orthogonal complement, optimised in ``theta`` by L-BFGS with a
@@ -32,8 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lenskit.causal_basis import CausalBasis, read_index
-from lenskit.causal_influence import (
+from lenskit.causal.influence import (
     ABLATIONS,
     LensObjective,
     ablation_reference,
@@ -42,14 +41,20 @@ from lenskit.causal_influence import (
 )
 from lenskit.data import Corpus, load_corpus, split_documents
 from lenskit.errors import LenskitError
-from lenskit.evaluation import eval_chunks
+from lenskit.evaluation.chunks import eval_chunks
 from lenskit.lenses.base import Lens
+from lenskit.lenses.basis import CausalBasis, read_index
 from lenskit.metrics import Reference
 from lenskit.progress import BasisProgress, BasisProgressCallback
 from lenskit.residual import capture
 
-__all__ = ["CausalBasisConfig", "extract_causal_basis", "find_direction", "lens_record",
-           "unembedding_gram"]
+__all__ = [
+    "CausalBasisConfig",
+    "extract_causal_basis",
+    "find_direction",
+    "lens_record",
+    "unembedding_gram",
+]
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class CausalBasisConfig:
 
     Attributes:
         k: Directions per layer.
-        ablation: ``mean``, ``zero`` or ``resample`` (see :mod:`lenskit.causal_influence`).
+        ablation: ``mean``, ``zero`` or ``resample`` (see :mod:`lenskit.causal.influence`).
         tokens: Training tokens (whole chunks) the directions are optimised on.
         eval_tokens: Held-out tokens the influences are reported on.
         seq_len: Tokens per chunk.
@@ -91,19 +96,25 @@ class CausalBasisConfig:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise LenskitError(f"{name} must be an integer, got {value!r}")
             if value < (1 if name in positive else 0):
-                raise LenskitError(f"{name} must be >= {1 if name in positive else 0}, got "
-                                   f"{value}: pass a larger {name}")
+                raise LenskitError(
+                    f"{name} must be >= {1 if name in positive else 0}, got "
+                    f"{value}: pass a larger {name}"
+                )
         if self.ablation not in ABLATIONS:
-            raise LenskitError(f"unknown ablation {self.ablation!r}: use one of "
-                               f"{', '.join(ABLATIONS)}")
+            raise LenskitError(
+                f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}"
+            )
         if not 0 < self.held_out < 1:
-            raise LenskitError(f"held_out must be between 0 and 1, got {self.held_out}: "
-                               "pass e.g. 0.1")
+            raise LenskitError(
+                f"held_out must be between 0 and 1, got {self.held_out}: pass e.g. 0.1"
+            )
         if not 0 < self.tol < 1:
             raise LenskitError(f"tol must be between 0 and 1, got {self.tol}: pass e.g. 1e-4")
         if self.skip_first >= self.seq_len:
-            raise LenskitError(f"skip_first={self.skip_first} leaves nothing of chunks of "
-                               f"{self.seq_len} tokens: lower it")
+            raise LenskitError(
+                f"skip_first={self.skip_first} leaves nothing of chunks of "
+                f"{self.seq_len} tokens: lower it"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON data."""
@@ -179,9 +190,16 @@ def find_direction(
         return (x / x.norm()).to(theta.dtype)
 
     theta = unit(start.detach().float()).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=1, max_eval=25, history_size=10,
-                            tolerance_grad=1e-12, tolerance_change=0.0,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1.0,
+        max_iter=1,
+        max_eval=25,
+        history_size=10,
+        tolerance_grad=1e-12,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         loss = -objective(unit(theta))
@@ -204,8 +222,16 @@ def find_direction(
     return v, final, iterations, converged
 
 
-def _residuals(model: Any, tokens: Tensor, layers: list[int], cfg: CausalBasisConfig, *,
-               clean: bool, desc: str, progress: bool) -> tuple[Tensor, list[Reference]]:
+def _residuals(
+    model: Any,
+    tokens: Tensor,
+    layers: list[int],
+    cfg: CausalBasisConfig,
+    *,
+    clean: bool,
+    desc: str,
+    progress: bool,
+) -> tuple[Tensor, list[Reference]]:
     """Block inputs of ``layers`` ([layer, chunk, pos, d]) and, if asked, the clean outputs."""
     from tqdm.auto import tqdm
 
@@ -213,35 +239,49 @@ def _residuals(model: Any, tokens: Tensor, layers: list[int], cfg: CausalBasisCo
     starts = range(0, tokens.shape[0], cfg.batch_size)
     with torch.no_grad():
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-            cap = capture(model, tokens[start:start + cfg.batch_size])
+            cap = capture(model, tokens[start : start + cfg.batch_size])
             rows.append(cap.stack("resid_pre")[layers])
             if clean:
-                refs.append(Reference.from_logits(cap.logits[:, cfg.skip_first:].flatten(0, 1)))
+                refs.append(Reference.from_logits(cap.logits[:, cfg.skip_first :].flatten(0, 1)))
     return torch.cat(rows, dim=1), refs
 
 
-def _check_inputs(model: Any, lens: Lens, layers: int | Sequence[int], cfg: CausalBasisConfig,
-                  out: str | Path | None) -> list[int]:
+def _check_inputs(
+    model: Any,
+    lens: Lens,
+    layers: int | Sequence[int],
+    cfg: CausalBasisConfig,
+    out: str | Path | None,
+) -> list[int]:
     adapter = lens.adapter
     lens.check_model(model)
     layers = [layers] if isinstance(layers, int) else list(layers)
     if not layers or len(set(layers)) != len(layers):
         raise LenskitError(f"give one or more distinct layers, got {layers}")
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or \
-                not 0 <= layer < adapter.n_layers:
-            raise LenskitError(f"layer {layer!r} has no block input in {adapter.name}: use "
-                               f"0..{adapter.n_layers - 1}")
+        if (
+            isinstance(layer, bool)
+            or not isinstance(layer, int)
+            or not 0 <= layer < adapter.n_layers
+        ):
+            raise LenskitError(
+                f"layer {layer!r} has no block input in {adapter.name}: use "
+                f"0..{adapter.n_layers - 1}"
+            )
         lens.check_layer(layer)
     if cfg.k > adapter.d_model:
-        raise LenskitError(f"k={cfg.k} is more than d_model={adapter.d_model} of "
-                           f"{adapter.name}: pass k <= {adapter.d_model}")
+        raise LenskitError(
+            f"k={cfg.k} is more than d_model={adapter.d_model} of "
+            f"{adapter.name}: pass k <= {adapter.d_model}"
+        )
     if out is not None and (Path(out).expanduser() / "basis.json").is_file():
         index = read_index(out)
         if index.get("model") != adapter.name or index.get("lens") != lens_record(lens):
-            raise LenskitError(f"{out} holds causal bases of {index.get('model')} with lens "
-                               f"{index.get('lens')}: give another folder (a basis folder "
-                               "never mixes models or lenses)")
+            raise LenskitError(
+                f"{out} holds causal bases of {index.get('model')} with lens "
+                f"{index.get('lens')}: give another folder (a basis folder "
+                "never mixes models or lenses)"
+            )
     return layers
 
 
@@ -289,35 +329,66 @@ def extract_causal_basis(
     adapter = lens.adapter
     corpus = data if isinstance(data, Corpus) else load_corpus(data)
     train, held = split_documents(corpus, cfg.held_out, seed=cfg.seed)
-    train_chunks = eval_chunks(model, train, tokens=cfg.tokens, seq_len=cfg.seq_len,
-                               seed=cfg.seed)
-    held_chunks = eval_chunks(model, held, tokens=cfg.eval_tokens, seq_len=cfg.seq_len,
-                              seed=cfg.seed)
+    train_chunks = eval_chunks(model, train, tokens=cfg.tokens, seq_len=cfg.seq_len, seed=cfg.seed)
+    held_chunks = eval_chunks(
+        model, held, tokens=cfg.eval_tokens, seq_len=cfg.seq_len, seed=cfg.seed
+    )
     tic = time.perf_counter()
     search_seconds = 0.0
 
-    def report(phase: str, li: int = 0, direction: int = 0, iteration: int = 0,
-               value: float | None = None) -> None:
+    def report(
+        phase: str, li: int = 0, direction: int = 0, iteration: int = 0, value: float | None = None
+    ) -> None:
         if on_progress is not None:
-            on_progress(BasisProgress(
-                phase, layers[li] if phase != "capture" else None, li, len(layers), direction,
-                cfg.k, iteration, cfg.max_iter, value, time.perf_counter() - begun,
-                search_seconds))
+            on_progress(
+                BasisProgress(
+                    phase,
+                    layers[li] if phase != "capture" else None,
+                    li,
+                    len(layers),
+                    direction,
+                    cfg.k,
+                    iteration,
+                    cfg.max_iter,
+                    value,
+                    time.perf_counter() - begun,
+                    search_seconds,
+                )
+            )
 
     report("capture")
     skip = cfg.skip_first
-    train_h, _ = _residuals(model, train_chunks.tokens, layers, cfg, clean=False,
-                            desc="training residuals", progress=progress)
-    held_h, held_clean = _residuals(model, held_chunks.tokens, layers, cfg,
-                                    clean=cfg.model_influence, desc="held-out residuals",
-                                    progress=progress)
+    train_h, _ = _residuals(
+        model,
+        train_chunks.tokens,
+        layers,
+        cfg,
+        clean=False,
+        desc="training residuals",
+        progress=progress,
+    )
+    held_h, held_clean = _residuals(
+        model,
+        held_chunks.tokens,
+        layers,
+        cfg,
+        clean=cfg.model_influence,
+        desc="held-out residuals",
+        progress=progress,
+    )
     capture_seconds = time.perf_counter() - tic
     gram = unembedding_gram(lens)
     common = {
         "model": adapter.name,
-        "model_shape": {"architecture": adapter.architecture, "n_layers": adapter.n_layers,
-                        "d_model": adapter.d_model, "d_vocab": adapter.d_vocab},
-        "lens": lens_record(lens), "data": corpus.name, "config": cfg.to_dict(),
+        "model_shape": {
+            "architecture": adapter.architecture,
+            "n_layers": adapter.n_layers,
+            "d_model": adapter.d_model,
+            "d_vocab": adapter.d_vocab,
+        },
+        "lens": lens_record(lens),
+        "data": corpus.name,
+        "config": cfg.to_dict(),
         "train_tokens": train_chunks.n_tokens - len(train_chunks) * skip,
         "eval_tokens": held_chunks.n_tokens - len(held_chunks) * skip,
         "torch_threads": torch.get_num_threads(),
@@ -327,32 +398,44 @@ def extract_causal_basis(
         t0 = time.perf_counter()
         h = train_h[li][:, skip:].flatten(0, 1)
         mean = h.double().mean(0).float()
-        objective = LensObjective(lens, layer, h, ablation_reference(h, cfg.ablation, mean,
-                                                                     seed=cfg.seed))
+        objective = LensObjective(
+            lens, layer, h, ablation_reference(h, cfg.ablation, mean, seed=cfg.seed)
+        )
         lens_gram = _lens_gram(lens, layer, mean, gram)
         found = torch.zeros(0, adapter.d_model)
         train_inf, iters, conv = [], [], []
-        bar = tqdm(total=cfg.k, desc=f"layer {layer} directions", unit="dir",
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.k,
+            desc=f"layer {layer} directions",
+            unit="dir",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         with bar:
             for i in range(cfg.k):
-                proj = torch.eye(adapter.d_model, dtype=torch.float64) - \
-                    found.double().T @ found.double()
+                proj = (
+                    torch.eye(adapter.d_model, dtype=torch.float64)
+                    - found.double().T @ found.double()
+                )
                 start = torch.linalg.eigh(proj @ lens_gram @ proj).eigenvectors[:, -1]
                 if float((proj @ start).norm()) < 1e-3:  # the complement is flat: any start
                     gen = torch.Generator().manual_seed(cfg.seed + i)
                     start = torch.randn(adapter.d_model, generator=gen, dtype=torch.float64)
 
-                def show(it: int, value: float, i: int = i, li: int = li, bar: Any = bar
-                         ) -> None:
+                def show(it: int, value: float, i: int = i, li: int = li, bar: Any = bar) -> None:
                     bar.set_postfix_str(f"dir {i + 1} it {it} {value:.4f} bits")
                     report("search", li, i, it, value)
 
                 t_dir = time.perf_counter()
 
                 v, value, n_iter, ok = find_direction(
-                    objective, found, start.float(), max_iter=cfg.max_iter, tol=cfg.tol,
-                    on_step=show)
+                    objective,
+                    found,
+                    start.float(),
+                    max_iter=cfg.max_iter,
+                    tol=cfg.tol,
+                    on_step=show,
+                )
                 v = v * torch.sign(v[v.abs().argmax()])  # sign: largest entry positive
                 found = torch.cat([found, v.unsqueeze(0)])
                 train_inf.append(value)
@@ -367,29 +450,51 @@ def extract_causal_basis(
         t1 = time.perf_counter()
         hh = held_h[li]
         href = hh.clone()
-        href[:, skip:] = ablation_reference(hh[:, skip:].flatten(0, 1), cfg.ablation, mean,
-                                            seed=cfg.seed).view_as(hh[:, skip:])
-        held_inf = lens_influence(lens, layer, hh[:, skip:].flatten(0, 1),
-                                  href[:, skip:].flatten(0, 1), found)
+        href[:, skip:] = ablation_reference(
+            hh[:, skip:].flatten(0, 1), cfg.ablation, mean, seed=cfg.seed
+        ).view_as(hh[:, skip:])
+        held_inf = lens_influence(
+            lens, layer, hh[:, skip:].flatten(0, 1), href[:, skip:].flatten(0, 1), found
+        )
         order = torch.argsort(-held_inf, stable=True)
         lens_seconds = time.perf_counter() - t1
         t2 = time.perf_counter()
         model_inf = None
         if cfg.model_influence:
-            model_inf = model_influence(model, layer, found[order], held_chunks.tokens, href,
-                                        skip_first=skip, batch_size=cfg.batch_size,
-                                        clean=held_clean, progress=progress)
+            model_inf = model_influence(
+                model,
+                layer,
+                found[order],
+                held_chunks.tokens,
+                href,
+                skip_first=skip,
+                batch_size=cfg.batch_size,
+                clean=held_clean,
+                progress=progress,
+            )
         pick = order.tolist()
         basis = CausalBasis(
-            layer=layer, basis=found[order], mean=mean, lens_influence=held_inf[order],
-            train_influence=torch.tensor(train_inf)[order], model_influence=model_inf,
-            found_at=tuple(pick), iterations=tuple(iters[i] for i in pick),
+            layer=layer,
+            basis=found[order],
+            mean=mean,
+            lens_influence=held_inf[order],
+            train_influence=torch.tensor(train_inf)[order],
+            model_influence=model_inf,
+            found_at=tuple(pick),
+            iterations=tuple(iters[i] for i in pick),
             converged=tuple(conv[i] for i in pick),
-            settings={**common, "objective_path": mode, "objective_calls": calls,
-                      "objective_fallbacks": fallbacks,
-                      "seconds": {"capture_all_layers": capture_seconds,
-                                  "extract": extract_seconds, "lens_influence": lens_seconds,
-                                  "model_influence": time.perf_counter() - t2}},
+            settings={
+                **common,
+                "objective_path": mode,
+                "objective_calls": calls,
+                "objective_fallbacks": fallbacks,
+                "seconds": {
+                    "capture_all_layers": capture_seconds,
+                    "extract": extract_seconds,
+                    "lens_influence": lens_seconds,
+                    "model_influence": time.perf_counter() - t2,
+                },
+            },
         )
         if out is not None:
             basis.save(out)

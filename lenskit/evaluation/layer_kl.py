@@ -20,24 +20,12 @@ from torch import Tensor
 from lenskit.data import TokenChunks
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens
-from lenskit.metrics import LN2, Reference
+from lenskit.metrics import LN2, Reference, kl_nats
 from lenskit.residual import capture
 
-__all__ = ["ROWS_PER_READOUT", "kl_nats", "layer_kl", "layer_kl_sums"]
+__all__ = ["ROWS_PER_READOUT", "layer_kl", "layer_kl_sums"]
 
 ROWS_PER_READOUT = 512  # rows per unembedding matmul: near peak speed, memory stays flat
-
-
-def kl_nats(
-    reference: Reference, logits: Float[Tensor, "n d_vocab"]
-) -> Float[Tensor, " n"]:
-    """``KL(p || q)`` in nats for lens logits ``z``: ``sum p log p + lse(z) - E_p[z]``.
-
-    Differentiable in ``logits``; its gradient is ``softmax(z) - p``.
-    """
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    mean_p = (reference.probs * z).sum(-1)  # not einsum: see lenskit.metrics.row_stats
-    return reference.neg_entropy + torch.logsumexp(z, dim=-1) - mean_p
 
 
 def layer_kl_sums(
@@ -82,8 +70,10 @@ def layer_kl_sums(
             rows = cap.stack("resid_pre").flatten(1, 2)  # [layer, n, d_model]
             reference = Reference.from_logits(cap.logits.flatten(0, 1))
             for lo in range(0, rows.shape[1], ROWS_PER_READOUT):
-                part = Reference(reference.probs[lo : lo + ROWS_PER_READOUT],
-                                 reference.neg_entropy[lo : lo + ROWS_PER_READOUT])
+                part = Reference(
+                    reference.probs[lo : lo + ROWS_PER_READOUT],
+                    reference.neg_entropy[lo : lo + ROWS_PER_READOUT],
+                )
                 for i, lens in enumerate(lenses):
                     for layer in range(n_layers):
                         if covered[i][layer]:
@@ -116,8 +106,14 @@ def layer_kl(
     """
     sums = layer_kl_sums(model, [lens], chunks.tokens, batch_size=batch_size, progress=progress)
     means = (sums[0] / chunks.n_tokens / LN2).tolist()
-    frame = pd.DataFrame({"layer": list(range(len(means))), "kl_bits": means,
-                          "covered": [lens.covers(layer) for layer in range(len(means))]})
-    frame.attrs.update(model=lens.adapter.name, lens=lens.kind, source=chunks.source,
-                       tokens=chunks.n_tokens)
+    frame = pd.DataFrame(
+        {
+            "layer": list(range(len(means))),
+            "kl_bits": means,
+            "covered": [lens.covers(layer) for layer in range(len(means))],
+        }
+    )
+    frame.attrs.update(
+        model=lens.adapter.name, lens=lens.kind, source=chunks.source, tokens=chunks.n_tokens
+    )
     return frame

@@ -35,31 +35,30 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lenskit.checkpoints import CHECKPOINT_FILE, check_out, checkpoint_config
 from lenskit.data import batch_indices, load_corpus, split_documents, tokenize_corpus
 from lenskit.errors import LenskitError
-from lenskit.fitting import (
-    Dist,
-    NormalEquations,
-    TrainConfig,
-    deferred_interrupt,
-    frozen,
-    kl_step,
-    make_optimizer,
-    normalized_target,
-    set_translators,
-)
+from lenskit.evaluation.layer_kl import layer_kl_sums
 from lenskit.io import atomic_torch_save, atomic_write_json
-from lenskit.layer_kl import layer_kl_sums
 from lenskit.lenses.logit import LogitLens
 from lenskit.lenses.tuned import TunedLens
 from lenskit.metrics import LN2
 from lenskit.models import ModelAdapter
-from lenskit.progress import Progress, ProgressCallback
+from lenskit.progress import Progress, ProgressCallback, deferred_interrupt, frozen
 from lenskit.residual import capture
+from lenskit.training.checkpoints import CHECKPOINT_FILE, check_out, checkpoint_config
+from lenskit.training.closed_form import NormalEquations, normalized_target, set_translators
+from lenskit.training.config import TrainConfig
+from lenskit.training.distributed import Dist
+from lenskit.training.kl_step import kl_step, make_optimizer
 
-__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "TrainConfig", "TrainResult",
-           "checkpoint_config", "train_tuned_lens"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "METRICS_FILE",
+    "TrainConfig",
+    "TrainResult",
+    "checkpoint_config",
+    "train_tuned_lens",
+]
 
 METRICS_FILE = "metrics.json"
 _TOKENIZE_AT_LEAST = 1 << 20  # tokens of the training split to draw batches from
@@ -97,37 +96,60 @@ class TrainResult:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per block input: ``layer``, ``logit_kl_bits``, ``tuned_kl_bits``."""
-        return pd.DataFrame({"layer": range(len(self.logit_kl)), "logit_kl_bits": self.logit_kl,
-                             "tuned_kl_bits": self.tuned_kl})
+        return pd.DataFrame(
+            {
+                "layer": range(len(self.logit_kl)),
+                "logit_kl_bits": self.logit_kl,
+                "tuned_kl_bits": self.tuned_kl,
+            }
+        )
 
 
 def _data(model: Any, config: TrainConfig) -> tuple[Tensor, Tensor, Tensor]:
     """Training pool, validation slice (of the training split) and held-out chunks."""
     train, held = split_documents(load_corpus(config.data), config.held_out, seed=config.seed)
     need = config.lstsq_tokens + config.tokens + config.val_tokens
-    chunks = tokenize_corpus(train, model.tokenizer, config.seq_len,
-                             max_tokens=max(need, _TOKENIZE_AT_LEAST)).tokens
+    chunks = tokenize_corpus(
+        train, model.tokenizer, config.seq_len, max_tokens=max(need, _TOKENIZE_AT_LEAST)
+    ).tokens
     n_val = config.val_tokens // config.seq_len
     if len(chunks) <= n_val:
-        raise LenskitError(f"the training split has only {len(chunks)} chunks of "
-                           f"{config.seq_len} tokens: add data or lower val_tokens/seq_len")
-    held_chunks = tokenize_corpus(held, model.tokenizer, config.seq_len,
-                                  max_tokens=config.eval_tokens).tokens
+        raise LenskitError(
+            f"the training split has only {len(chunks)} chunks of "
+            f"{config.seq_len} tokens: add data or lower val_tokens/seq_len"
+        )
+    held_chunks = tokenize_corpus(
+        held, model.tokenizer, config.seq_len, max_tokens=config.eval_tokens
+    ).tokens
     return chunks[: len(chunks) - n_val], chunks[len(chunks) - n_val :], held_chunks
 
 
 def _bar(show: bool, total: int, initial: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="tok", unit_scale=True,
-                disable=not show, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="tok",
+        unit_scale=True,
+        disable=not show,
+        dynamic_ncols=True,
+    )
 
 
 class _Run:
     """One training run's state, so that a checkpoint can be written at any moment."""
 
-    def __init__(self, model: Any, config: TrainConfig, out: Path, dist: Dist,
-                 show: bool, on_progress: ProgressCallback | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        config: TrainConfig,
+        out: Path,
+        dist: Dist,
+        show: bool,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
         self.model, self.config, self.out, self.dist, self.show = model, config, out, dist, show
         self.on_progress = on_progress if dist.rank == 0 else None
         self.stopped = False  # set when on_progress raised: the run stops with a checkpoint
@@ -138,9 +160,16 @@ class _Run:
         self.normal: NormalEquations | None = None
         self.per_rank = config.tokens_per_step // config.seq_len // dist.world
         self.st: dict[str, Any] = {
-            "phase": "lstsq" if config.init == "lstsq" else "kl", "step": 0, "done": 0,
-            "seconds": 0.0, "timings": {}, "start": None, "start_val": None, "scales": None,
-            "optimizer": None}
+            "phase": "lstsq" if config.init == "lstsq" else "kl",
+            "step": 0,
+            "done": 0,
+            "seconds": 0.0,
+            "timings": {},
+            "start": None,
+            "start_val": None,
+            "scales": None,
+            "optimizer": None,
+        }
         self.saved: dict[str, Any] = {}
         self.clock = time.perf_counter()
         self.kl_seconds, self.kl_tokens = 0.0, 0
@@ -156,8 +185,9 @@ class _Run:
         """Wall time of this run, over all sessions."""
         return self.st["seconds"] + time.perf_counter() - self.clock
 
-    def report(self, phase: str, done: int, total: int, rate: float,
-               kl_bits: float | None = None) -> None:
+    def report(
+        self, phase: str, done: int, total: int, rate: float, kl_bits: float | None = None
+    ) -> None:
         """Call ``on_progress`` (at a point where the state is whole, so a raise can stop)."""
         if self.on_progress is None:
             return
@@ -171,8 +201,13 @@ class _Run:
         """Write the state atomically (rank 0 only)."""
         if self.dist.rank != 0:
             return
-        state = {**self.st, "config": self.config.to_dict(), "seconds": self.seconds(),
-                 "lens": self.lens.translator_state(), "rng": torch.get_rng_state()}
+        state = {
+            **self.st,
+            "config": self.config.to_dict(),
+            "seconds": self.seconds(),
+            "lens": self.lens.translator_state(),
+            "rng": torch.get_rng_state(),
+        }
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         if self.st["phase"] == "lstsq" and self.normal is not None and self.dist.world == 1:
@@ -182,8 +217,9 @@ class _Run:
     def closed_form(self, pool: Tensor) -> None:
         """Accumulate the normal equations over ``lstsq_tokens`` and solve them."""
         cfg, dist, st, tic = self.config, self.dist, self.st, time.perf_counter()
-        normal = self.normal = NormalEquations(self.adapter.n_layers, self.adapter.d_model,
-                                               self.device)
+        normal = self.normal = NormalEquations(
+            self.adapter.n_layers, self.adapter.d_model, self.device
+        )
         if "xtx" in self.saved and dist.rank == 0:  # a partial sum (only saved by one process)
             normal.add(self.saved["xtx"].to(self.device), self.saved["xty"].to(self.device))
         elif "xtx" not in self.saved:
@@ -195,17 +231,24 @@ class _Run:
         total, first = n_chunks * cfg.seq_len, done_tokens
         with _bar(self.show, total, done_tokens, "closed-form start") as bar:
             for ids in batches[st["done"] :]:
-                cap = capture(self.model, pool[ids[dist.rank :: dist.world]].to(self.device),
-                              logits=False)
-                stats = normal.batch(cap.stack("resid_pre").flatten(1, 2),
-                                     normalized_target(self.adapter, cap.final.flatten(0, 1)))
+                cap = capture(
+                    self.model, pool[ids[dist.rank :: dist.world]].to(self.device), logits=False
+                )
+                stats = normal.batch(
+                    cap.stack("resid_pre").flatten(1, 2),
+                    normalized_target(self.adapter, cap.final.flatten(0, 1)),
+                )
                 with deferred_interrupt():
                     normal.add(*stats)
                     st["done"] += 1
                 bar.update(len(ids) * cfg.seq_len)
                 done_tokens += len(ids) * cfg.seq_len
-                self.report("closed-form", done_tokens, total,
-                            (done_tokens - first) / (time.perf_counter() - tic))
+                self.report(
+                    "closed-form",
+                    done_tokens,
+                    total,
+                    (done_tokens - first) / (time.perf_counter() - tic),
+                )
         dist.sum_(normal.xtx)
         dist.sum_(normal.xty)
         set_translators(self.lens, *normal.solve(cfg.ridge))
@@ -233,14 +276,23 @@ class _Run:
             while st["step"] < cfg.steps:
                 tic = time.perf_counter()
                 lens.zero_grad(set_to_none=False)
-                ids = batch_indices(len(pool), self.per_rank, seed=cfg.seed, step=st["step"],
-                                    rank=dist.rank, world_size=dist.world)
-                sums = kl_step(lens, self.model, pool[ids].to(self.device),
-                               scale=1.0 / (self.per_rank * cfg.seq_len * n_layers))
+                ids = batch_indices(
+                    len(pool),
+                    self.per_rank,
+                    seed=cfg.seed,
+                    step=st["step"],
+                    rank=dist.rank,
+                    world_size=dist.world,
+                )
+                sums = kl_step(
+                    lens,
+                    self.model,
+                    pool[ids].to(self.device),
+                    scale=1.0 / (self.per_rank * cfg.seq_len * n_layers),
+                )
                 if dist.world > 1:
                     flat = dist.sum_(torch.cat([p.grad.reshape(-1) for p in params]))
-                    torch.nn.utils.vector_to_parameters(flat / dist.world,
-                                                        [p.grad for p in params])
+                    torch.nn.utils.vector_to_parameters(flat / dist.world, [p.grad for p in params])
                     dist.sum_(sums)
                 if self.optimizer is None:  # the first step sets the per-layer step sizes
                     st["scales"] = (sums[1:] / n).sqrt().float()
@@ -260,8 +312,13 @@ class _Run:
                 every = cfg.checkpoint_every
                 if every and st["step"] % every == 0 and st["step"] < cfg.steps:
                     self.checkpoint()
-                self.report("fine-tune", st["step"] * n, cfg.steps * n,
-                            self.kl_tokens / self.kl_seconds, kl_bits)
+                self.report(
+                    "fine-tune",
+                    st["step"] * n,
+                    cfg.steps * n,
+                    self.kl_tokens / self.kl_seconds,
+                    kl_bits,
+                )
 
     def keep_better(self, val: Tensor) -> list[int]:
         """Per layer, put back the start translator where it beats the fine-tuned one."""
@@ -308,17 +365,23 @@ def train_tuned_lens(
     """
     adapter = ModelAdapter(model)
     if config.model != adapter.name:
-        raise LenskitError(f"config.model is {config.model!r} but the model is {adapter.name!r}: "
-                           f"pass TrainConfig(model={adapter.name!r}, ...)")
+        raise LenskitError(
+            f"config.model is {config.model!r} but the model is {adapter.name!r}: "
+            f"pass TrainConfig(model={adapter.name!r}, ...)"
+        )
     if config.seq_len > adapter.n_ctx:
-        raise LenskitError(f"seq_len {config.seq_len} exceeds the context of {adapter.name} "
-                           f"({adapter.n_ctx}): lower --seq-len")
+        raise LenskitError(
+            f"seq_len {config.seq_len} exceeds the context of {adapter.name} "
+            f"({adapter.n_ctx}): lower --seq-len"
+        )
     out = Path(out_dir).expanduser()
     dist = Dist.from_env(adapter.W_U.device)
     try:
         if (config.tokens_per_step // config.seq_len) % dist.world:
-            raise LenskitError(f"tokens_per_step/seq_len must be a multiple of the {dist.world} "
-                               "ranks: change --tokens-per-step")
+            raise LenskitError(
+                f"tokens_per_step/seq_len must be a multiple of the {dist.world} "
+                "ranks: change --tokens-per-step"
+            )
         ckpt = check_out(out, resume, config)
         run = _Run(model, config, out, dist, progress and dist.rank == 0, on_progress)
         if ckpt is not None:
@@ -353,22 +416,45 @@ def _finish(run: _Run, held: Tensor, kept: list[int], command: str | None) -> Tr
     if run.kl_seconds:
         timings["kl_tokens_per_s"] = run.kl_tokens / run.kl_seconds
     trained = cfg.lstsq_tokens * (cfg.init == "lstsq") + cfg.steps * cfg.tokens_per_step
-    result = TrainResult(lens=lens, steps=cfg.steps, tokens=trained, seconds=run.seconds(),
-                         logit_kl=tuple(kl[0]), tuned_kl=tuple(kl[1]), kept_start=tuple(kept),
-                         timings=timings)
+    result = TrainResult(
+        lens=lens,
+        steps=cfg.steps,
+        tokens=trained,
+        seconds=run.seconds(),
+        logit_kl=tuple(kl[0]),
+        tuned_kl=tuple(kl[1]),
+        kept_start=tuple(kept),
+        timings=timings,
+    )
     mean = {"logit": sum(kl[0]) / len(kl[0]), "tuned": sum(kl[1]) / len(kl[1])}
-    lens.info = {"trained_by": "lenskit train", "train_config": cfg.to_dict(),
-                 "held_out_mean_kl_bits": mean}
+    lens.info = {
+        "trained_by": "lenskit train",
+        "train_config": cfg.to_dict(),
+        "held_out_mean_kl_bits": mean,
+    }
     if run.dist.rank == 0:
         lens.save(run.out)
-        atomic_write_json(run.out / METRICS_FILE, {
-            "model": lens.adapter.name, "command": command, "config": cfg.to_dict(),
-            "world_size": run.dist.world, "tokens_trained": trained,
-            "held_out_tokens": held.numel(), "seconds": result.seconds, "timings": timings,
-            "mean_kl_bits": mean, "kept_start_layers": kept, "validation_kl_bits": {
-                k: (run.st[f"{k}_val"] / LN2).tolist() for k in ("start", "tuned")
-                if run.st.get(f"{k}_val") is not None},
-            "per_layer": result.to_frame().to_dict(orient="records")})
+        atomic_write_json(
+            run.out / METRICS_FILE,
+            {
+                "model": lens.adapter.name,
+                "command": command,
+                "config": cfg.to_dict(),
+                "world_size": run.dist.world,
+                "tokens_trained": trained,
+                "held_out_tokens": held.numel(),
+                "seconds": result.seconds,
+                "timings": timings,
+                "mean_kl_bits": mean,
+                "kept_start_layers": kept,
+                "validation_kl_bits": {
+                    k: (run.st[f"{k}_val"] / LN2).tolist()
+                    for k in ("start", "tuned")
+                    if run.st.get(f"{k}_val") is not None
+                },
+                "per_layer": result.to_frame().to_dict(orient="records"),
+            },
+        )
         with contextlib.suppress(FileNotFoundError):
             (run.out / CHECKPOINT_FILE).unlink()
     return result

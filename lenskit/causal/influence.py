@@ -30,11 +30,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lenskit.causal_basis import CausalBasis
 from lenskit.errors import LenskitError
-from lenskit.layer_kl import kl_nats
 from lenskit.lenses.base import Lens
-from lenskit.metrics import LN2, Reference
+from lenskit.lenses.basis import CausalBasis
+from lenskit.metrics import LN2, Reference, kl_nats
 from lenskit.models import model_lock
 
 __all__ = [
@@ -73,7 +72,8 @@ def ablation_reference(
 
 
 def ablate(
-    h: Float[Tensor, "*batch d_model"], v: Float[Tensor, " d_model"],
+    h: Float[Tensor, "*batch d_model"],
+    v: Float[Tensor, " d_model"],
     reference: Float[Tensor, "*batch d_model"],
 ) -> Float[Tensor, "*batch d_model"]:
     """``h - ((h - reference) . v) v``: the coordinate along unit ``v`` set to the reference's."""
@@ -108,9 +108,16 @@ class LensObjective:
         check: In ``auto`` mode, compare the fast path with the exact one on a sample first.
     """
 
-    def __init__(self, lens: Lens, layer: int, h: Float[Tensor, "n d_model"],
-                 reference: Float[Tensor, "n d_model"], *, mode: str = "auto",
-                 check: bool = True) -> None:
+    def __init__(
+        self,
+        lens: Lens,
+        layer: int,
+        h: Float[Tensor, "n d_model"],
+        reference: Float[Tensor, "n d_model"],
+        *,
+        mode: str = "auto",
+        check: bool = True,
+    ) -> None:
         if mode not in ("auto", "fast", "exact"):
             raise ValueError(f"mode must be auto, fast or exact, got {mode!r}")
         self.lens, self.layer = lens, lens.check_layer(layer)
@@ -120,18 +127,28 @@ class LensObjective:
         self.calls = 0
         adapter = lens.adapter
         with torch.no_grad():
-            y = torch.cat([adapter.final_norm(lens.transform_hidden(self.h[lo:lo + ROWS], layer))
-                           for lo in range(0, self.n, ROWS)])
-            raw = torch.cat([y[lo:lo + ROWS] @ adapter.W_U + adapter.b_U
-                             for lo in range(0, self.n, ROWS)])
+            y = torch.cat(
+                [
+                    adapter.final_norm(lens.transform_hidden(self.h[lo : lo + ROWS], layer))
+                    for lo in range(0, self.n, ROWS)
+                ]
+            )
+            raw = torch.cat(
+                [y[lo : lo + ROWS] @ adapter.W_U + adapter.b_U for lo in range(0, self.n, ROWS)]
+            )
             sample = slice(0, min(self.n, 16))
-            linear = torch.allclose(lens(self.h[sample], layer), raw[sample], rtol=1e-5,
-                                    atol=1e-5)
-            logits = raw if linear else torch.cat([lens(self.h[lo:lo + ROWS], layer)
-                                                   for lo in range(0, self.n, ROWS)])
-            parts = [Reference.from_logits(logits[lo:lo + ROWS]) for lo in range(0, self.n, ROWS)]
-            self.clean = Reference(torch.cat([r.probs for r in parts]),
-                                   torch.cat([r.neg_entropy for r in parts]))
+            linear = torch.allclose(lens(self.h[sample], layer), raw[sample], rtol=1e-5, atol=1e-5)
+            logits = (
+                raw
+                if linear
+                else torch.cat(
+                    [lens(self.h[lo : lo + ROWS], layer) for lo in range(0, self.n, ROWS)]
+                )
+            )
+            parts = [Reference.from_logits(logits[lo : lo + ROWS]) for lo in range(0, self.n, ROWS)]
+            self.clean = Reference(
+                torch.cat([r.probs for r in parts]), torch.cat([r.neg_entropy for r in parts])
+            )
         del logits
         self.mode = "exact"
         if mode != "exact" and linear:
@@ -140,8 +157,9 @@ class LensObjective:
             if mode == "auto" and check and not self._fast_matches():
                 self.mode = "exact"
         if mode == "fast" and self.mode != "fast":
-            raise LenskitError(f"the fast objective does not fit the {lens.kind} lens: use "
-                               "mode='exact'")
+            raise LenskitError(
+                f"the fast objective does not fit the {lens.kind} lens: use mode='exact'"
+            )
         if self.mode == "exact":
             for name in ("zc", "a", "pz", "pb"):
                 self.__dict__.pop(name, None)
@@ -153,10 +171,15 @@ class LensObjective:
             self.b_tilde = self.beta @ adapter.W_U + adapter.b_U
             self.zc = raw.sub_(self.b_tilde)  # a_t @ W_U, with a_t = y_t - beta
             p = self.clean.probs
-            self.pz = torch.cat([(p[i:i + BLOCK] * self.zc[i:i + BLOCK]).sum(-1)
-                                 for i in range(0, self.n, BLOCK)])
-            self.pb = torch.cat([(p[i:i + BLOCK] * self.b_tilde).sum(-1)
-                                 for i in range(0, self.n, BLOCK)])
+            self.pz = torch.cat(
+                [
+                    (p[i : i + BLOCK] * self.zc[i : i + BLOCK]).sum(-1)
+                    for i in range(0, self.n, BLOCK)
+                ]
+            )
+            self.pb = torch.cat(
+                [(p[i : i + BLOCK] * self.b_tilde).sum(-1) for i in range(0, self.n, BLOCK)]
+            )
             self.a = (y - self.beta).double()
 
     def _fast_matches(self) -> bool:
@@ -188,8 +211,7 @@ class LensObjective:
                 ref = Reference(self.clean.probs[part], self.clean.neg_entropy[part])
                 with torch.enable_grad():
                     leaf = v.clone().requires_grad_(True)
-                    logits = self.lens(ablate(self.h[part], leaf, self.reference[part]),
-                                       self.layer)
+                    logits = self.lens(ablate(self.h[part], leaf, self.reference[part]), self.layer)
                     kl = kl_nats(ref, logits).sum()
                     (g,) = torch.autograd.grad(kl, leaf)
                 total += float(kl)
@@ -203,8 +225,10 @@ class LensObjective:
         adapter, lens, layer = self.lens.adapter, self.lens, self.layer
         ends = lens.transform_hidden(torch.stack([v, torch.zeros_like(v)]), layer)
         q = (adapter.final_norm(ends[0] - ends[1]) - self.beta).double()
-        d = (adapter.final_norm(lens.transform_hidden(ablate(self.h, v, self.reference), layer))
-             - self.beta).double()
+        d = (
+            adapter.final_norm(lens.transform_hidden(ablate(self.h, v, self.reference), layer))
+            - self.beta
+        ).double()
         aa, aq, qq = (self.a * self.a).sum(-1), self.a @ q, q @ q
         ad, qd = (self.a * d).sum(-1), d @ q
         det = aa * qq - aq * aq
@@ -254,7 +278,10 @@ class LensObjective:
 
 
 def lens_influence(
-    lens: Lens, layer: int, h: Float[Tensor, "n d_model"], reference: Float[Tensor, "n d_model"],
+    lens: Lens,
+    layer: int,
+    h: Float[Tensor, "n d_model"],
+    reference: Float[Tensor, "n d_model"],
     directions: Float[Tensor, "k d_model"],
 ) -> Float[Tensor, " k"]:
     """Each direction's influence on a lens, in bits: the lens itself on the ablated residuals.
@@ -266,7 +293,7 @@ def lens_influence(
     sums = torch.zeros(directions.shape[0], dtype=torch.float64)
     with torch.no_grad():
         for lo in range(0, h.shape[0], ROWS):
-            part, ref_part = h[lo:lo + ROWS], reference[lo:lo + ROWS]
+            part, ref_part = h[lo : lo + ROWS], reference[lo : lo + ROWS]
             clean = Reference.from_logits(lens(part, layer))
             for i, v in enumerate(directions.to(h)):
                 sums[i] += kl_nats(clean, lens(ablate(part, v, ref_part), layer)).double().sum()
@@ -316,12 +343,18 @@ def model_influence(
     name = f"blocks.{layer}.hook_resid_pre"
     starts = list(range(0, tokens.shape[0], batch_size))
     sums = torch.zeros(directions.shape[0], dtype=torch.float64)
-    bar = tqdm(total=len(starts) * directions.shape[0], desc=f"model influence L{layer}",
-               unit="pass", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(starts) * directions.shape[0],
+        desc=f"model influence L{layer}",
+        unit="pass",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
     with torch.no_grad(), bar:
         for b, start in enumerate(starts):
-            batch = tokens[start:start + batch_size]
-            ref = reference[start:start + batch_size, skip_first:]
+            batch = tokens[start : start + batch_size]
+            ref = reference[start : start + batch_size, skip_first:]
             if clean is not None:
                 base = clean[b]
             else:
@@ -341,8 +374,9 @@ def model_influence(
     return sums / (tokens.shape[0] * (tokens.shape[1] - skip_first) * LN2)
 
 
-def direction_logits(lens: Lens, layer: int, directions: Float[Tensor, "k d_model"],
-                     at: Float[Tensor, " d_model"]) -> Float[Tensor, "k d_vocab"]:
+def direction_logits(
+    lens: Lens, layer: int, directions: Float[Tensor, "k d_model"], at: Float[Tensor, " d_model"]
+) -> Float[Tensor, "k d_vocab"]:
     """How a step along each direction moves the lens's logits at residual ``at``.
 
     The lens's Jacobian at ``at`` applied to each direction (translator, final norm and
@@ -361,7 +395,11 @@ def direction_logits(lens: Lens, layer: int, directions: Float[Tensor, "k d_mode
 
 
 def direction_tokens(
-    lens: Lens, basis: CausalBasis, tokenizer: Any, *, top: int = 8,
+    lens: Lens,
+    basis: CausalBasis,
+    tokenizer: Any,
+    *,
+    top: int = 8,
 ) -> pd.DataFrame:
     """The tokens each direction of a basis promotes and suppresses through the lens.
 
@@ -383,11 +421,17 @@ def direction_tokens(
     for i, row in enumerate(effect):
         for side, sign in (("promotes", 1.0), ("suppresses", -1.0)):
             values, ids = torch.topk(sign * row, top)
-            for rank, (value, tid) in enumerate(zip(values.tolist(), ids.tolist(),
-                                                    strict=True)):
-                records.append({"direction": i + 1, "side": side, "rank": rank + 1,
-                                "token_id": tid, "token": tokenizer.decode([tid]),
-                                "logit_change": sign * value})
+            for rank, (value, tid) in enumerate(zip(values.tolist(), ids.tolist(), strict=True)):
+                records.append(
+                    {
+                        "direction": i + 1,
+                        "side": side,
+                        "rank": rank + 1,
+                        "token_id": tid,
+                        "token": tokenizer.decode([tid]),
+                        "logit_change": sign * value,
+                    }
+                )
     frame = pd.DataFrame.from_records(records)
     frame.attrs.update(layer=basis.layer, lens=lens.kind, model=lens.adapter.name)
     return frame

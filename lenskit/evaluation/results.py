@@ -50,8 +50,16 @@ def _metric_columns() -> list[str]:
     return [col for name in names for col in (name, f"{name}_se")]
 
 
-COLUMNS = ("lens", "kind", "layer", "layer_label", *_metric_columns(), "covered",
-           "objective", "note")
+COLUMNS = (
+    "lens",
+    "kind",
+    "layer",
+    "layer_label",
+    *_metric_columns(),
+    "covered",
+    "objective",
+    "note",
+)
 TRANSFER_COLUMNS = ("lens", "translator", "layer", "kl_bits", "kl_bits_se")
 
 
@@ -121,21 +129,44 @@ def metrics_frame(
     for i, (name, kind) in enumerate(kinds.items()):
         for layer in range(n_layers):
             ok = covered[i][layer]
-            row: dict[str, Any] = {"lens": name, "kind": kind, "layer": layer,
-                                   "layer_label": labels[layer]}
+            row: dict[str, Any] = {
+                "lens": name,
+                "kind": kind,
+                "layer": layer,
+                "layer_label": labels[layer],
+            }
             for m, metric in enumerate(METRICS):
                 row[metric] = mean[i][layer][m] if ok else nan
                 row[f"{metric}_se"] = se[i][layer][m] if ok else nan
             text = [notes.get(name, ""), "" if ok else UNCOVERED_NOTE]
-            records.append({**row, "covered": ok,
-                            "objective": (objectives or {}).get(name, "unspecified"),
-                            "note": "; ".join(t for t in text if t)})
+            records.append(
+                {
+                    **row,
+                    "covered": ok,
+                    "objective": (objectives or {}).get(name, "unspecified"),
+                    "note": "; ".join(t for t in text if t),
+                }
+            )
     (ce, entropy), (ce_se, entropy_se) = reference.mean.tolist(), reference.se().tolist()
-    records.append({"lens": "model", "kind": "model", "layer": n_layers,
-                    "layer_label": labels[n_layers], "kl_bits": 0.0, "kl_bits_se": 0.0,
-                    "ce_bits": ce, "ce_bits_se": ce_se, "entropy_bits": entropy,
-                    "entropy_bits_se": entropy_se, "top1_agree": 1.0, "top1_agree_se": 0.0,
-                    "covered": True, "objective": REFERENCE_OBJECTIVE, "note": MODEL_NOTE})
+    records.append(
+        {
+            "lens": "model",
+            "kind": "model",
+            "layer": n_layers,
+            "layer_label": labels[n_layers],
+            "kl_bits": 0.0,
+            "kl_bits_se": 0.0,
+            "ce_bits": ce,
+            "ce_bits_se": ce_se,
+            "entropy_bits": entropy,
+            "entropy_bits_se": entropy_se,
+            "top1_agree": 1.0,
+            "top1_agree_se": 0.0,
+            "covered": True,
+            "objective": REFERENCE_OBJECTIVE,
+            "note": MODEL_NOTE,
+        }
+    )
     for record in records:
         for metric in PER_BYTE:
             for suffix in ("", "_se"):
@@ -147,9 +178,18 @@ def transfer_frame(names: list[str], moments: ChunkMoments) -> pd.DataFrame:
     """The long transfer table (:data:`TRANSFER_COLUMNS`) from moments ``[lens, i, j]``."""
     mean, se = moments.mean.tolist(), moments.se().tolist()
     n_layers = len(mean[0]) if mean else 0
-    records = [{"lens": name, "translator": i, "layer": j, "kl_bits": mean[t][i][j],
-                "kl_bits_se": se[t][i][j]}
-               for t, name in enumerate(names) for i in range(n_layers) for j in range(n_layers)]
+    records = [
+        {
+            "lens": name,
+            "translator": i,
+            "layer": j,
+            "kl_bits": mean[t][i][j],
+            "kl_bits_se": se[t][i][j],
+        }
+        for t, name in enumerate(names)
+        for i in range(n_layers)
+        for j in range(n_layers)
+    ]
     return pd.DataFrame.from_records(records, columns=list(TRANSFER_COLUMNS))
 
 
@@ -239,11 +279,19 @@ class EvalResult:
         import lenskit
 
         return {
-            "model": self.model, "lens": list(self.lenses), "lenses": self.lenses,
-            "prompt": self.source, "source": self.source, "tokens": self.tokens,
-            "scored_tokens": self.scored_tokens, "chunks": self.chunks,
-            "seq_len": self.seq_len, "n_bytes": self.n_bytes, "seed": self.seed,
-            "se_unit": SE_UNIT, "notes": dict(self.notes),
+            "model": self.model,
+            "lens": list(self.lenses),
+            "lenses": self.lenses,
+            "prompt": self.source,
+            "source": self.source,
+            "tokens": self.tokens,
+            "scored_tokens": self.scored_tokens,
+            "chunks": self.chunks,
+            "seq_len": self.seq_len,
+            "n_bytes": self.n_bytes,
+            "seed": self.seed,
+            "se_unit": SE_UNIT,
+            "notes": dict(self.notes),
             "lenskit_version": lenskit.__version__,
         }
 
@@ -264,10 +312,11 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-ready data (NaN as null): provenance, then the numbers."""
         out = {
-            **self.attrs(), "seconds": self.seconds, "tokens_per_s": self.tokens_per_s,
+            **self.attrs(),
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_s,
             "metrics": self.metrics.to_dict(orient="records"),
-            "transfer": None if self.transfer is None else self.transfer.to_dict(
-                orient="records"),
+            "transfer": None if self.transfer is None else self.transfer.to_dict(orient="records"),
         }
         del out["prompt"], out["lens"]
         return json_safe(out)

@@ -2,8 +2,9 @@
 
 :func:`evaluate` streams a corpus through the model in batches of chunks; each batch runs
 the model once and every lens reads the same residuals. Only per-chunk means are kept
-(merged into running moments, see :mod:`lenskit.eval_stats`), so memory stays flat as the
-token count grows. :mod:`lenskit.layer_kl` is the lean KL-only version that training uses.
+(merged into running moments, see :mod:`lenskit.evaluation.results`), so memory stays flat
+as the token count grows. :mod:`lenskit.evaluation.layer_kl` is the lean KL-only version
+that training uses.
 
 Every lens is scored against the model's output, whatever it was fitted for: the
 ``objective`` column says which lenses were trained to match that output (the tuned lens)
@@ -15,7 +16,6 @@ Rows a lens does not cover (the J-lens's ``L0``) are skipped and reported as NaN
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,13 +24,20 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lenskit.data import Corpus, TokenChunks, load_corpus, split_documents, tokenize_corpus
+from lenskit.data import Corpus, TokenChunks
 from lenskit.errors import LenskitError
-from lenskit.eval_stats import METRICS, ChunkMoments, EvalResult, metrics_frame, transfer_frame
-from lenskit.layer_kl import ROWS_PER_READOUT, kl_nats
+from lenskit.evaluation.chunks import eval_chunks
+from lenskit.evaluation.layer_kl import ROWS_PER_READOUT
+from lenskit.evaluation.results import (
+    METRICS,
+    ChunkMoments,
+    EvalResult,
+    metrics_frame,
+    transfer_frame,
+)
 from lenskit.lenses.base import Lens
 from lenskit.lenses.tuned import TunedLens
-from lenskit.metrics import LN2, Reference, row_stats
+from lenskit.metrics import LN2, Reference, kl_nats, row_stats
 from lenskit.models import ModelAdapter
 from lenskit.progress import Progress, ProgressCallback
 from lenskit.residual import capture
@@ -38,12 +45,11 @@ from lenskit.residual import capture
 __all__ = ["OBJECTIVES", "EvalResult", "eval_chunks", "evaluate", "lens_objective"]
 
 
-DEFAULT_SEQ_LEN = 256
 # Dtype of the statistics of the logits; row_stats sums in float32 to ~1e-7 relative.
 STATS_DTYPE = torch.float32
 _KIND_NOTES = {
     "jacobian": "J-lens: an average Jacobian, fitted without a KL objective (not trained to "
-                "minimise KL to the model's output); layers without a fitted matrix are NaN",
+    "minimise KL to the model's output); layers without a fitted matrix are NaN",
 }
 OBJECTIVES = {
     "logit": "none",  # no parameters: the model's own final norm and unembedding
@@ -68,89 +74,37 @@ def _named_lenses(
     """Lenses by name (their kind for a sequence), checked to be distinct and for ``model``."""
     if isinstance(lenses, Lens):
         lenses = [lenses]
-    pairs = list(lenses.items()) if isinstance(lenses, Mapping) else [
-        (getattr(lens, "kind", ""), lens) for lens in lenses]
+    pairs = (
+        list(lenses.items())
+        if isinstance(lenses, Mapping)
+        else [(getattr(lens, "kind", ""), lens) for lens in lenses]
+    )
     if not pairs:
         raise LenskitError("no lenses to evaluate: pass at least one, e.g. [get_lens('logit', m)]")
     named: dict[str, Lens] = {}
     for name, lens in pairs:
         if not isinstance(lens, Lens):
-            raise LenskitError(f"lens {name!r} is a {type(lens).__name__}, not a Lens: build it "
-                               "with get_lens(kind, model)")
+            raise LenskitError(
+                f"lens {name!r} is a {type(lens).__name__}, not a Lens: build it "
+                "with get_lens(kind, model)"
+            )
         if not isinstance(name, str) or not name.strip() or name == "model":
-            raise LenskitError(f"bad lens name {name!r}: use a non-empty name other than 'model' "
-                               "(the reference row)")
+            raise LenskitError(
+                f"bad lens name {name!r}: use a non-empty name other than 'model' "
+                "(the reference row)"
+            )
         if name in named:
-            raise LenskitError(f"duplicate lens name {name!r}: give each lens its own name, "
-                               "e.g. a mapping {'tuned-a': lens_a, 'tuned-b': lens_b}")
+            raise LenskitError(
+                f"duplicate lens name {name!r}: give each lens its own name, "
+                "e.g. a mapping {'tuned-a': lens_a, 'tuned-b': lens_b}"
+            )
         if lens.adapter.model is not model:
-            raise LenskitError(f"lens {name!r} was built for another model object: build it with "
-                               "get_lens(kind, model) for this model")
+            raise LenskitError(
+                f"lens {name!r} was built for another model object: build it with "
+                "get_lens(kind, model) for this model"
+            )
         named[name] = lens
     return named
-
-
-def _take_chunks(chunks: TokenChunks, n_chunks: int, seed: int) -> TokenChunks:
-    if n_chunks > len(chunks):
-        raise LenskitError(
-            f"{chunks.source} has only {chunks.n_tokens} tokens ({len(chunks)} chunks of "
-            f"{chunks.seq_len}), fewer than the {n_chunks * chunks.seq_len} asked for: ask "
-            f"for at most {chunks.n_tokens} tokens or add data")
-    if n_chunks == len(chunks):
-        return chunks
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(chunks), generator=gen)[:n_chunks].sort().values
-    n_bytes = round(chunks.n_bytes * n_chunks / len(chunks))
-    return TokenChunks(chunks.tokens[pick], n_bytes, chunks.source)
-
-
-def eval_chunks(
-    model: Any,
-    data: Corpus | TokenChunks | str | None,
-    *,
-    tokens: int,
-    seq_len: int | None = None,
-    seed: int = 0,
-    held_out: float | None = None,
-) -> TokenChunks:
-    """The chunks :func:`evaluate` reads: ``tokens // seq_len`` chunks of ``seq_len`` tokens.
-
-    Text (a :class:`~lenskit.data.Corpus`, or a source for :func:`~lenskit.data.load_corpus`,
-    ``None`` meaning Shakespeare) has its documents shuffled with ``seed``, then is tokenized
-    as :func:`~lenskit.data.tokenize_corpus` does (no BOS, EOS after each document) until
-    ``tokens``. Given chunks keep their ``seq_len``; ``seed`` draws the ones used.
-
-    Raises:
-        LenskitError: For bad arguments, unreadable or empty data, or fewer tokens than asked
-            (the message names how many there are).
-    """
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise LenskitError(f"tokens must be a positive integer, got {tokens!r}: pass e.g. 65536")
-    if isinstance(data, TokenChunks):
-        if seq_len is not None and seq_len != data.seq_len:
-            raise LenskitError(f"seq_len={seq_len} but the chunks have {data.seq_len} tokens: "
-                               "drop seq_len or re-chunk the data")
-        if held_out is not None:
-            raise LenskitError("held_out splits text, not chunks: pass the corpus instead")
-        seq_len = data.seq_len
-    seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
-    n_ctx = int(model.cfg.n_ctx)
-    if not 2 <= seq_len <= n_ctx:
-        raise LenskitError(f"seq_len must be in 2..{n_ctx} (the model's context), got {seq_len}: "
-                           "pass another seq_len")
-    if tokens < seq_len:
-        raise LenskitError(f"tokens={tokens} is less than one chunk of seq_len={seq_len}: "
-                           "raise tokens or lower seq_len")
-    if isinstance(data, TokenChunks):
-        return _take_chunks(data, tokens // seq_len, seed)
-    corpus = data if isinstance(data, Corpus) else load_corpus(data)
-    if held_out is not None:
-        corpus = split_documents(corpus, held_out, seed=seed)[1]
-    docs = list(corpus.documents)
-    random.Random(seed).shuffle(docs)
-    chunks = tokenize_corpus(Corpus(corpus.name, tuple(docs)), model.tokenizer, seq_len,
-                             max_tokens=tokens)
-    return _take_chunks(chunks, tokens // seq_len, seed)
 
 
 def _row_values(
@@ -189,7 +143,7 @@ def evaluate(
     top-1 is the model's top-1. The readout runs in the model's dtype, the statistics of
     its logits in float32 (:data:`STATS_DTYPE`), summed per chunk in float64. Only
     per-chunk means are kept, so memory does not grow
-    with ``tokens``. See :class:`~lenskit.eval_stats.EvalResult` for the table.
+    with ``tokens``. See :class:`~lenskit.evaluation.results.EvalResult` for the table.
 
     Args:
         model: A ``TransformerBridge``.
@@ -209,7 +163,7 @@ def evaluate(
             ``"evaluate"``) after every batch; if it raises, the evaluation stops.
 
     Returns:
-        The :class:`~lenskit.eval_stats.EvalResult`.
+        The :class:`~lenskit.evaluation.results.EvalResult`.
 
     Raises:
         LenskitError: For bad lenses (duplicate names, another model), bad data or arguments.
@@ -220,8 +174,7 @@ def evaluate(
     tuned = [name for name, lens in named.items() if isinstance(lens, TunedLens)]
     if transfer and not tuned:
         raise LenskitError("transfer needs a tuned lens: add one (e.g. tuned:DIR) or drop it")
-    chunks = eval_chunks(model, data, tokens=tokens, seq_len=seq_len, seed=seed,
-                         held_out=held_out)
+    chunks = eval_chunks(model, data, tokens=tokens, seq_len=seq_len, seed=seed, held_out=held_out)
     adapter = ModelAdapter(model)
     n_layers, seq_len = adapter.n_layers, chunks.seq_len
     lens_list = list(named.values())
@@ -232,13 +185,20 @@ def evaluate(
     from tqdm.auto import tqdm
 
     tic = time.perf_counter()
-    bar = tqdm(total=chunks.n_tokens, desc="evaluating lenses", unit="tok", unit_scale=True,
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=chunks.n_tokens,
+        desc="evaluating lenses",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with torch.no_grad(), bar:
         for start in range(0, len(chunks), batch_size):
             batch = chunks.tokens[start : start + batch_size].to(adapter.W_U.device)
-            sums = _batch_sums(model, [named[n] for n in tuned] if transfer else [],
-                               lens_list, covered, batch)
+            sums = _batch_sums(
+                model, [named[n] for n in tuned] if transfer else [], lens_list, covered, batch
+            )
             moments.add(sums["lens"])
             reference_moments.add(sums["model"])
             if transfer_moments is not None:
@@ -248,22 +208,43 @@ def evaluate(
                 done, spent = (start + len(batch)) * seq_len, time.perf_counter() - tic
                 on_progress(Progress("evaluate", done, chunks.n_tokens, done / spent, spent))
     seconds = time.perf_counter() - tic
-    notes = {name: _KIND_NOTES[lens.kind] for name, lens in named.items()
-             if lens.kind in _KIND_NOTES}
+    notes = {
+        name: _KIND_NOTES[lens.kind] for name, lens in named.items() if lens.kind in _KIND_NOTES
+    }
     objectives = {name: lens_objective(lens) for name, lens in named.items()}
     frame = metrics_frame(
-        {name: lens.kind for name, lens in named.items()}, covered,
-        [adapter.row_label(row) for row in range(adapter.n_rows)], moments, reference_moments,
+        {name: lens.kind for name, lens in named.items()},
+        covered,
+        [adapter.row_label(row) for row in range(adapter.n_rows)],
+        moments,
+        reference_moments,
         tokens_per_byte=chunks.n_tokens / chunks.n_bytes if chunks.n_bytes else math.nan,
-        notes=notes, objectives=objectives)
+        notes=notes,
+        objectives=objectives,
+    )
     table = None if transfer_moments is None else transfer_frame(tuned, transfer_moments)
     return EvalResult(
-        metrics=frame, model=adapter.name,
-        lenses={name: {"kind": lens.kind, "source": getattr(lens, "source", None),
-                       "objective": objectives[name]} for name, lens in named.items()},
-        source=chunks.source, tokens=chunks.n_tokens, scored_tokens=len(chunks) * (seq_len - 1),
-        chunks=len(chunks), seq_len=seq_len, n_bytes=chunks.n_bytes, seed=seed,
-        seconds=seconds, transfer=table, notes=notes)
+        metrics=frame,
+        model=adapter.name,
+        lenses={
+            name: {
+                "kind": lens.kind,
+                "source": getattr(lens, "source", None),
+                "objective": objectives[name],
+            }
+            for name, lens in named.items()
+        },
+        source=chunks.source,
+        tokens=chunks.n_tokens,
+        scored_tokens=len(chunks) * (seq_len - 1),
+        chunks=len(chunks),
+        seq_len=seq_len,
+        n_bytes=chunks.n_bytes,
+        seed=seed,
+        seconds=seconds,
+        transfer=table,
+        notes=notes,
+    )
 
 
 def _batch_sums(
@@ -286,11 +267,13 @@ def _batch_sums(
     final = cap.logits[:, :-1].flatten(0, 1)
     ids = batch[:, 1:].reshape(-1, 1)
     owner = torch.arange(rows.shape[1], device=device) // n_pos  # chunk of each row
-    lens_sums = torch.zeros(len(lenses), n_layers, len(METRICS), n_chunks,
-                            dtype=torch.float64, device=device)
+    lens_sums = torch.zeros(
+        len(lenses), n_layers, len(METRICS), n_chunks, dtype=torch.float64, device=device
+    )
     model_sums = torch.zeros(2, n_chunks, dtype=torch.float64, device=device)
-    transfer_sums = torch.zeros(len(tuned), n_layers, n_layers, n_chunks,
-                                dtype=torch.float64, device=device)
+    transfer_sums = torch.zeros(
+        len(tuned), n_layers, n_layers, n_chunks, dtype=torch.float64, device=device
+    )
     for lo in range(0, rows.shape[1], ROWS_PER_READOUT):
         part = slice(lo, lo + ROWS_PER_READOUT)
         own_logits = final[part].to(STATS_DTYPE)
@@ -312,5 +295,8 @@ def _batch_sums(
                     logits = lens.adapter.readout(moved).to(STATS_DTYPE)
                     kl = kl_nats(reference, logits).clamp_min(0.0) / LN2
                     transfer_sums[t, src, layer].index_add_(0, owner[part], kl.double())
-    return {"lens": lens_sums / n_pos, "model": model_sums / n_pos,
-            "transfer": transfer_sums / n_pos}
+    return {
+        "lens": lens_sums / n_pos,
+        "model": model_sums / n_pos,
+        "transfer": transfer_sums / n_pos,
+    }

@@ -3,7 +3,7 @@
 Every cached object is keyed on every argument that changes it: the model on
 (name, device, dtype), a lens on (kind, model key, path), a trajectory or an evaluation
 on all of its inputs (a corpus also on its files' sizes and times). Changing the prompt
-never reloads the model. Every path a user types goes through ``app_paths``, which
+never reloads the model. Every path a user types goes through ``lenskit_app.paths``, which
 refuses anything outside the allowed folders.
 """
 
@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 import streamlit as st
 
 import lenskit
-from app_paths import corpus_path, describe_roots, folder_name, lens_file, saved_lenses
 from lenskit.errors import LenskitError
 from lenskit.models import DEFAULT_MODEL, model_names
+from lenskit_app.paths import corpus_path, describe_roots, folder_name, lens_file, saved_lenses
 
 T = TypeVar("T")
 
@@ -90,8 +90,9 @@ def trajectory(
     """A trajectory of the shown rows and positions, cached on every input."""
     model = load_model(name, device, dtype)
     lens = load_lens(kind, name, device, dtype, path)
-    return lenskit.trajectory(model, lens, prompt, target=target or None, top_k=top_k,
-                              rows=rows, positions=positions)
+    return lenskit.trajectory(
+        model, lens, prompt, target=target or None, top_k=top_k, rows=rows, positions=positions
+    )
 
 
 def lens_path(kind: str) -> str | None:
@@ -165,23 +166,30 @@ def comparison(
 
     model = load_model(name, device, dtype)
     lenses = [load_lens(k, name, device, dtype, p) for k, p in zip(kinds, paths, strict=True)]
-    return compare(model, lenses, prompt, pair=(kinds.index(pair[0]), kinds.index(pair[1])),
-                   rows=rows, positions=positions)
+    return compare(
+        model,
+        lenses,
+        prompt,
+        pair=(kinds.index(pair[0]), kinds.index(pair[1])),
+        rows=rows,
+        positions=positions,
+    )
 
 
 @st.cache_data(show_spinner="Reading the causal basis…", max_entries=32)
 def causal_basis(source: str, layer: int) -> Any:
     """One layer of a causal basis folder, cached on the folder and layer."""
-    from lenskit.causal_basis import CausalBasis
+    from lenskit.lenses.basis import CausalBasis
 
     return CausalBasis.load(source, layer)
 
 
 @st.cache_data(show_spinner="Finding the tokens each direction moves…", max_entries=32)
-def direction_tokens(name: str, device: str, dtype: str, path: str | None, layer: int,
-                     top: int) -> Any:
+def direction_tokens(
+    name: str, device: str, dtype: str, path: str | None, layer: int, top: int
+) -> Any:
     """Tokens each causal direction of ``layer`` promotes and suppresses, cached on all inputs."""
-    from lenskit.causal_influence import direction_tokens as tokens_of
+    from lenskit.causal.influence import direction_tokens as tokens_of
 
     model = load_model(name, device, dtype)
     lens = load_lens(CAUSAL_KIND, name, device, dtype, path)
@@ -231,12 +239,17 @@ def corpus_section(key: str) -> str | None:
 
     A bad path stops the page with the error and its fix.
     """
-    choice = st.radio("Corpus", ["Shakespeare (default)", "File or folder"], horizontal=True,
-                      key=f"{key}_corpus_kind")
+    choice = st.radio(
+        "Corpus",
+        ["Shakespeare (default)", "File or folder"],
+        horizontal=True,
+        key=f"{key}_corpus_kind",
+    )
     if choice.startswith("Shakespeare"):
         return None
     text = st.text_input(
-        "Corpus path", key=f"{key}_corpus_path",
+        "Corpus path",
+        key=f"{key}_corpus_path",
         help="A .txt or .md file (one document), a .jsonl file (one document per line, in "
         "a 'text' field) or a folder of them, under " + describe_roots(),
     )
@@ -263,9 +276,16 @@ def lens_files_section(name: str) -> None:
         options.append(_OTHER)
         index = len(options) - 1 if st.session_state.get(other_key) else options.index(current)
         pick = st.selectbox(
-            f"{kind} lens", options, index=index,
-            format_func=lambda o: ("default (shipped for this model, if any)" if o == _DEFAULT
-                                   else "another path…" if o == _OTHER else o),
+            f"{kind} lens",
+            options,
+            index=index,
+            format_func=lambda o: (
+                "default (shipped for this model, if any)"
+                if o == _DEFAULT
+                else "another path…"
+                if o == _OTHER
+                else o
+            ),
             help=f"Lenses saved under lenses/{folder_name(name)}/ in the allowed folders are "
             f"listed; the {'Causal basis' if kind == CAUSAL_KIND else 'Train'} page saves there.",
         )
@@ -273,8 +293,11 @@ def lens_files_section(name: str) -> None:
         if pick != _OTHER:
             paths[kind] = pick or None
             continue
-        text = st.text_input(f"Path of the {kind} lens", value="" if current == _DEFAULT
-                             else current, key=f"lens_path_{kind}")
+        text = st.text_input(
+            f"Path of the {kind} lens",
+            value="" if current == _DEFAULT else current,
+            key=f"lens_path_{kind}",
+        )
         if text.strip():
             checked = report(lens_file, text)
             if checked is not None:
@@ -308,12 +331,24 @@ def evaluation(
     bar = st.progress(0.0, text="Reading the corpus…")
 
     def show(p: Any) -> None:
-        bar.progress(p.fraction, text=f"Evaluating: {p.done:,} / {p.total:,} tokens · "
-                     f"{p.tokens_per_s:,.0f} tokens/s · {eta_text(p.eta_seconds)} left")
+        bar.progress(
+            p.fraction,
+            text=f"Evaluating: {p.done:,} / {p.total:,} tokens · "
+            f"{p.tokens_per_s:,.0f} tokens/s · {eta_text(p.eta_seconds)} left",
+        )
 
     try:
-        return evaluate(model, named, corpus, tokens=tokens, seq_len=seq_len, held_out=held_out,
-                        seed=seed, progress=False, on_progress=show)
+        return evaluate(
+            model,
+            named,
+            corpus,
+            tokens=tokens,
+            seq_len=seq_len,
+            held_out=held_out,
+            seed=seed,
+            progress=False,
+            on_progress=show,
+        )
     finally:
         bar.empty()
 
@@ -337,44 +372,58 @@ def checkpoint_config(out: str, mtime_ns: int) -> Any:
     return read(out)
 
 
-def train_lens(model: Any, config: Any, out: Path, *, resume: bool,
-               on_progress: Callable[[Any], None]) -> Any:
+def train_lens(
+    model: Any, config: Any, out: Path, *, resume: bool, on_progress: Callable[[Any], None]
+) -> Any:
     """Train a tuned lens into ``out`` (created here), reporting to ``on_progress``."""
     from lenskit.training import train_tuned_lens
 
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise LenskitError(f"cannot create {out} ({err.strerror or type(err).__name__}): "
-                           "choose a writable folder") from err
-    return train_tuned_lens(model, config, out, resume=resume, progress=False,
-                            on_progress=on_progress)
+        raise LenskitError(
+            f"cannot create {out} ({err.strerror or type(err).__name__}): choose a writable folder"
+        ) from err
+    return train_tuned_lens(
+        model, config, out, resume=resume, progress=False, on_progress=on_progress
+    )
 
 
 # --- causal basis extraction ----------------------------------------------------------
 
 
-def extract_basis(model: Any, tuned: Any, layer: int, config: Any, corpus: str | None,
-                  out: Path, *, on_progress: Callable[[Any], None]) -> Any:
+def extract_basis(
+    model: Any,
+    tuned: Any,
+    layer: int,
+    config: Any,
+    corpus: str | None,
+    out: Path,
+    *,
+    on_progress: Callable[[Any], None],
+) -> Any:
     """Extract ``layer``'s causal basis into the folder ``out`` (created here).
 
     The cached causal-basis lens of ``out`` and the cached bases and tokens are dropped
     afterwards (also after a stop), so every page reads the folder as it now is.
     """
-    from lenskit.causal_basis import INDEX_FILE
-    from lenskit.causal_extraction import extract_causal_basis
+    from lenskit.causal.extraction import extract_causal_basis
+    from lenskit.lenses.basis import INDEX_FILE
 
     if out.is_dir() and not (out / INDEX_FILE).is_file() and any(out.iterdir()):
-        raise LenskitError(f"{out} holds other files and no causal basis: choose a new folder "
-                           "or a basis folder")
+        raise LenskitError(
+            f"{out} holds other files and no causal basis: choose a new folder or a basis folder"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise LenskitError(f"cannot create {out} ({err.strerror or type(err).__name__}): "
-                           "choose a writable folder") from err
+        raise LenskitError(
+            f"cannot create {out} ({err.strerror or type(err).__name__}): choose a writable folder"
+        ) from err
     try:
-        return extract_causal_basis(model, tuned, [layer], config, corpus, out=out,
-                                    progress=False, on_progress=on_progress)[layer]
+        return extract_causal_basis(
+            model, tuned, [layer], config, corpus, out=out, progress=False, on_progress=on_progress
+        )[layer]
     finally:
         load_lens.clear(CAUSAL_KIND, *model_key(), str(out))
         causal_basis.clear()

@@ -20,9 +20,21 @@ from lenskit.data import SUFFIXES
 from lenskit.errors import LenskitError
 from lenskit.io import cache_dir
 
-__all__ = ["DIRS_ENV", "allowed_roots", "check_path", "corpus_path", "corpus_stamp",
-           "describe_roots", "folder_name", "is_allowed", "lens_file", "lens_home",
-           "next_lens_dir", "out_path", "saved_lenses"]
+__all__ = [
+    "DIRS_ENV",
+    "allowed_roots",
+    "check_path",
+    "corpus_path",
+    "corpus_stamp",
+    "describe_roots",
+    "folder_name",
+    "is_allowed",
+    "lens_file",
+    "lens_home",
+    "next_lens_dir",
+    "out_path",
+    "saved_lenses",
+]
 
 DIRS_ENV = "LENSKIT_APP_DIRS"
 
@@ -43,8 +55,10 @@ def allowed_roots() -> tuple[Path, ...]:
 def describe_roots(roots: Sequence[Path] | None = None) -> str:
     """The allowed folders and how to change them, for error messages."""
     roots = allowed_roots() if roots is None else roots
-    return (f"{', '.join(str(r) for r in roots)} (set {DIRS_ENV} to other folders, separated "
-            f"by '{os.pathsep}', before starting the app)")
+    return (
+        f"{', '.join(str(r) for r in roots)} (set {DIRS_ENV} to other folders, separated "
+        f"by '{os.pathsep}', before starting the app)"
+    )
 
 
 def is_allowed(path: str | os.PathLike[str], roots: Sequence[Path] | None = None) -> bool:
@@ -81,15 +95,19 @@ def check_path(
     if "\x00" in text:
         raise LenskitError(f"the {what} path {text!r} holds a NUL character: retype it")
     if not is_allowed(text, roots):
-        raise LenskitError(f"the {what} path {text} is outside the folders the app may use: "
-                           f"choose one under {describe_roots(roots)}")
+        raise LenskitError(
+            f"the {what} path {text} is outside the folders the app may use: "
+            f"choose one under {describe_roots(roots)}"
+        )
     resolved = (Path.cwd() / Path(text).expanduser()).resolve()
     if resolved.is_dir():
         for inner in resolved.rglob("*"):
             if inner.is_symlink() and not is_allowed(inner, roots):
-                raise LenskitError(f"{inner} in the {what} folder links outside the folders the "
-                                   f"app may use: remove the link, or choose a folder under "
-                                   f"{describe_roots(roots)}")
+                raise LenskitError(
+                    f"{inner} in the {what} folder links outside the folders the "
+                    f"app may use: remove the link, or choose a folder under "
+                    f"{describe_roots(roots)}"
+                )
     return resolved
 
 
@@ -130,8 +148,11 @@ def saved_lenses(name: str, kind: str) -> list[str]:
             tuned = (entry / "config.json").is_file()
             jacobian = (entry.suffix == ".pt" and entry.is_file()) or (entry / "lens.pt").is_file()
             causal = (entry / "basis.json").is_file()
-            if (kind == "tuned" and tuned) or (kind == "jacobian" and jacobian) or \
-                    (kind == "tuned-with-causal-basis" and causal):
+            if (
+                (kind == "tuned" and tuned)
+                or (kind == "jacobian" and jacobian)
+                or (kind == "tuned-with-causal-basis" and causal)
+            ):
                 found.append(entry)
     found = [p for p in found if is_allowed(p)]
     found.sort(key=lambda p: (-p.stat().st_mtime, str(p)))
@@ -147,8 +168,9 @@ def corpus_path(text: str) -> str:
     """A typed corpus path, checked to lie in the allowed folders and to exist (resolved)."""
     path = check_path(text, what="corpus")
     if not path.exists():
-        raise LenskitError(f"no file or folder at {path}: check the path (relative paths start "
-                           f"at {Path.cwd()})")
+        raise LenskitError(
+            f"no file or folder at {path}: check the path (relative paths start at {Path.cwd()})"
+        )
     return str(path)
 
 
@@ -159,8 +181,10 @@ def out_path(text: str) -> Path:
         raise LenskitError(f"{path} is a file: give a folder for the lens")
     package = Path(lenskit.__file__).resolve().parent
     if path == package or package in path.parents:
-        raise LenskitError(f"{path} is inside the lenskit package, whose shipped lenses must "
-                           "stay as they are: choose a folder outside it")
+        raise LenskitError(
+            f"{path} is inside the lenskit package, whose shipped lenses must "
+            "stay as they are: choose a folder outside it"
+        )
     return path
 
 
@@ -169,8 +193,16 @@ def corpus_stamp(source: str | None) -> tuple[int, int, int]:
     if source is None:
         return (0, 0, 0)
     path = Path(source)
-    files = ([p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()]
-             if path.is_dir() else [path] if path.is_file() else [])
+    files = (
+        [p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()]
+        if path.is_dir()
+        else [path]
+        if path.is_file()
+        else []
+    )
     stats = [p.stat() for p in files]
-    return (len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats),
-                                                          default=0))
+    return (
+        len(stats),
+        sum(s.st_size for s in stats),
+        max((s.st_mtime_ns for s in stats), default=0),
+    )

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from lenskit.errors import LenskitError
-from lenskit.fitting import TrainConfig
 from lenskit.lenses.tuned import CONFIG_FILE
+from lenskit.training.config import TrainConfig
 
 __all__ = ["CHECKPOINT_FILE", "check_out", "checkpoint_config"]
 
@@ -28,8 +28,9 @@ def _load_checkpoint(file: Path) -> tuple[dict[str, Any], TrainConfig]:
         state = torch.load(file, map_location="cpu", weights_only=True)
         return state, TrainConfig.from_dict(state["config"])
     except Exception as err:
-        raise LenskitError(f"{file} is corrupt ({type(err).__name__}): delete it to start "
-                           "over") from err
+        raise LenskitError(
+            f"{file} is corrupt ({type(err).__name__}): delete it to start over"
+        ) from err
 
 
 def checkpoint_config(out_dir: str | os.PathLike[str]) -> TrainConfig | None:
@@ -53,9 +54,11 @@ def _read_checkpoint(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     old = old_config.to_dict()
     for key, value in config.to_dict().items():
         if key not in _RESUMABLE and old[key] != value:
-            raise LenskitError(f"the checkpoint in {out} was made with {key}={old[key]!r}, not "
-                               f"{value!r}: resume with the same settings or choose another "
-                               "--out")
+            raise LenskitError(
+                f"the checkpoint in {out} was made with {key}={old[key]!r}, not "
+                f"{value!r}: resume with the same settings or choose another "
+                "--out"
+            )
     return state
 
 
@@ -69,8 +72,10 @@ def check_out(out: Path, resume: bool, config: TrainConfig) -> dict[str, Any] | 
     if resume:
         return _read_checkpoint(out, config)
     if (out / CHECKPOINT_FILE).is_file():
-        raise LenskitError(f"{out} holds an unfinished training run: pass --resume to continue "
-                           "it or choose another --out")
+        raise LenskitError(
+            f"{out} holds an unfinished training run: pass --resume to continue "
+            "it or choose another --out"
+        )
     if (out / CONFIG_FILE).is_file():
         raise LenskitError(f"{out} already holds a lens: choose another --out")
     return None

@@ -31,10 +31,10 @@ import torch
 
 from lenskit.data import Corpus, batch_indices, load_corpus, tokenize_corpus
 from lenskit.errors import LenskitError
-from lenskit.fitting import deferred_interrupt
 from lenskit.io import atomic_open
 from lenskit.lenses.jacobian import JLens, lenskit_metadata, resolve_path
 from lenskit.models import ModelAdapter, model_lock
+from lenskit.progress import deferred_interrupt
 
 if TYPE_CHECKING:
     from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
@@ -42,8 +42,16 @@ if TYPE_CHECKING:
 __all__ = ["PROGRESS_KEY", "fit_jacobian_lens", "fit_prompts", "partial_path"]
 
 PROGRESS_KEY = "lenskit_progress"  # metadata: prompts done, their hash, seconds
-_SETTINGS = ("transformer_lens_version", "model_name", "corpus", "dim_batch", "max_seq_len",
-             "skip_first_positions", "fit_dtype", "lenskit")
+_SETTINGS = (
+    "transformer_lens_version",
+    "model_name",
+    "corpus",
+    "dim_batch",
+    "max_seq_len",
+    "skip_first_positions",
+    "fit_dtype",
+    "lenskit",
+)
 
 
 def partial_path(out: str | Path) -> Path:
@@ -60,7 +68,11 @@ def _prompt_hash(prompts: Sequence[str]) -> str:
 
 
 def fit_prompts(
-    model: Any, data: Corpus | str | os.PathLike[str] | None, *, n_prompts: int, seq_len: int,
+    model: Any,
+    data: Corpus | str | os.PathLike[str] | None,
+    *,
+    n_prompts: int,
+    seq_len: int,
     seed: int = 0,
 ) -> tuple[list[str], str]:
     """The first ``n_prompts`` prompt texts of a corpus, in the fit's fixed order.
@@ -79,15 +91,18 @@ def fit_prompts(
     corpus = data if isinstance(data, Corpus) else load_corpus(data)
     chunks = tokenize_corpus(corpus, model.tokenizer, seq_len - 1)
     if n_prompts > len(chunks):
-        raise LenskitError(f"{corpus.name} has only {len(chunks)} chunks of {seq_len - 1} "
-                           f"tokens, fewer than {n_prompts} prompts: lower --prompts or --seq-len")
+        raise LenskitError(
+            f"{corpus.name} has only {len(chunks)} chunks of {seq_len - 1} "
+            f"tokens, fewer than {n_prompts} prompts: lower --prompts or --seq-len"
+        )
     order = batch_indices(len(chunks), n_prompts, seed=seed, step=0)
     decode = model.tokenizer.decode
     return [decode(chunks.tokens[i].tolist()) for i in order], corpus.name
 
 
-def _check_args(adapter: ModelAdapter, n_prompts: int, seq_len: int, dim_batch: int,
-                skip_first_positions: int) -> None:
+def _check_args(
+    adapter: ModelAdapter, n_prompts: int, seq_len: int, dim_batch: int, skip_first_positions: int
+) -> None:
     if n_prompts < 1:
         raise LenskitError(f"n_prompts must be >= 1, got {n_prompts}: fit on at least one prompt")
     if dim_batch < 1:
@@ -101,8 +116,9 @@ def _check_args(adapter: ModelAdapter, n_prompts: int, seq_len: int, dim_batch: 
             f"reads at most {adapter.n_ctx} tokens"
         )
     if adapter.n_layers < 2:
-        raise LenskitError(f"{adapter.name} has one block, so a J-lens has no matrices: "
-                           "use the logit lens")
+        raise LenskitError(
+            f"{adapter.name} has one block, so a J-lens has no matrices: use the logit lens"
+        )
 
 
 def _short_prompts(model: Any, prompts: Sequence[str], need: int) -> None:
@@ -111,12 +127,15 @@ def _short_prompts(model: Any, prompts: Sequence[str], need: int) -> None:
             raise LenskitError(f"prompt {i} is a {type(prompt).__name__}, not text: give strings")
         n = int(model.to_tokens(prompt).shape[-1])
         if n < need:
-            raise LenskitError(f"prompt {i} is {n} tokens with BOS, the fit needs >= {need}: "
-                               "give longer prompts or lower skip_first_positions")
+            raise LenskitError(
+                f"prompt {i} is {n} tokens with BOS, the fit needs >= {need}: "
+                "give longer prompts or lower skip_first_positions"
+            )
 
 
-def _load_state(file: Path, model: Any, expected: dict[str, Any], prompts: Sequence[str],
-                n_prompts: int) -> TLJacobianLens:
+def _load_state(
+    file: Path, model: Any, expected: dict[str, Any], prompts: Sequence[str], n_prompts: int
+) -> TLJacobianLens:
     """Read a partial or finished fit and check it continues this one."""
     from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
 
@@ -125,23 +144,32 @@ def _load_state(file: Path, model: Any, expected: dict[str, Any], prompts: Seque
         state = TLJacobianLens.load(str(file))
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        raise LenskitError(f"{file} is not a readable J-lens ({first}): delete it or pass "
-                           "resume=False (--no-resume)") from err
+        raise LenskitError(
+            f"{file} is not a readable J-lens ({first}): delete it or pass "
+            "resume=False (--no-resume)"
+        ) from err
     progress = state.metadata.get(PROGRESS_KEY)
     if not isinstance(progress, dict) or not isinstance(progress.get("prompts_done"), int):
-        raise LenskitError(f"{file} was not written by lenskit's fit, so it cannot be resumed: "
-                           "pass another out or resume=False (--no-resume)")
+        raise LenskitError(
+            f"{file} was not written by lenskit's fit, so it cannot be resumed: "
+            "pass another out or resume=False (--no-resume)"
+        )
     for key in _SETTINGS:
         if state.metadata.get(key) != expected.get(key):
-            raise LenskitError(f"{file} was fitted with {key}={state.metadata.get(key)!r}, "
-                               f"this fit has {expected.get(key)!r}: {fix}")
+            raise LenskitError(
+                f"{file} was fitted with {key}={state.metadata.get(key)!r}, "
+                f"this fit has {expected.get(key)!r}: {fix}"
+            )
     done = progress["prompts_done"]
     if done > n_prompts:
-        raise LenskitError(f"{file} already holds a fit on {done} prompts, more than the "
-                           f"{n_prompts} asked for: ask for >= {done}, or {fix}")
+        raise LenskitError(
+            f"{file} already holds a fit on {done} prompts, more than the "
+            f"{n_prompts} asked for: ask for >= {done}, or {fix}"
+        )
     if progress.get("prompts_sha256") != _prompt_hash(prompts[:done]):
-        raise LenskitError(f"the first {done} prompts differ from those {file} was fitted on: "
-                           f"{fix}")
+        raise LenskitError(
+            f"the first {done} prompts differ from those {file} was fitted on: {fix}"
+        )
     JLens.from_tl(model, state, source=str(file))  # the model checks, one line each
     return state
 
@@ -196,20 +224,28 @@ def fit_jacobian_lens(
     if isinstance(corpus_or_prompts, Sequence) and not isinstance(corpus_or_prompts, str):
         prompts, corpus = list(corpus_or_prompts)[:n_prompts], "prompts"
         if len(prompts) < n_prompts:
-            raise LenskitError(f"{len(prompts)} prompts given, {n_prompts} asked for: "
-                               "give more prompts or lower n_prompts")
+            raise LenskitError(
+                f"{len(prompts)} prompts given, {n_prompts} asked for: "
+                "give more prompts or lower n_prompts"
+            )
         _short_prompts(model, prompts, skip_first_positions + 2)
         data = "prompts"
     else:
-        prompts, corpus = fit_prompts(model, corpus_or_prompts, n_prompts=n_prompts,
-                                      seq_len=seq_len, seed=seed)
+        prompts, corpus = fit_prompts(
+            model, corpus_or_prompts, n_prompts=n_prompts, seq_len=seq_len, seed=seed
+        )
         data = corpus
     info = {**lenskit_metadata(adapter), "data": data, "seq_len": seq_len, "seed": seed}
-    expected = {"transformer_lens_version": version("transformer-lens"),
-                "model_name": getattr(model.cfg, "model_name", None), "corpus": corpus,
-                "dim_batch": dim_batch, "max_seq_len": seq_len,
-                "skip_first_positions": skip_first_positions,
-                "fit_dtype": str(adapter.W_U.dtype).removeprefix("torch."), "lenskit": info}
+    expected = {
+        "transformer_lens_version": version("transformer-lens"),
+        "model_name": getattr(model.cfg, "model_name", None),
+        "corpus": corpus,
+        "dim_batch": dim_batch,
+        "max_seq_len": seq_len,
+        "skip_first_positions": skip_first_positions,
+        "fit_dtype": str(adapter.W_U.dtype).removeprefix("torch."),
+        "lenskit": info,
+    }
     file, partial = resolve_path(out), partial_path(out)
     state, loaded_from = None, None
     if resume:
@@ -220,28 +256,46 @@ def fit_jacobian_lens(
                 break
     elif partial.is_file():
         partial.unlink()
-    record: dict[str, Any] = (dict(state.metadata[PROGRESS_KEY]) if state is not None else
-                              {"prompts_done": 0, "seconds_per_prompt": []})
+    record: dict[str, Any] = (
+        dict(state.metadata[PROGRESS_KEY])
+        if state is not None
+        else {"prompts_done": 0, "seconds_per_prompt": []}
+    )
     first = record["prompts_done"]
     bar = _bar(n_prompts, first, progress)
     try:
         for i in range(first, n_prompts):
             start = time.perf_counter()
-            shard = _fit_one(model, prompts[i], i, corpus=corpus, dim_batch=dim_batch,
-                             seq_len=seq_len, skip=skip_first_positions, info=info)
+            shard = _fit_one(
+                model,
+                prompts[i],
+                i,
+                corpus=corpus,
+                dim_batch=dim_batch,
+                seq_len=seq_len,
+                skip=skip_first_positions,
+                info=info,
+            )
             with deferred_interrupt():  # merge and save whole, or not at all
                 state = shard if state is None else _merge(state, shard, loaded_from)
                 seconds = [*record["seconds_per_prompt"], round(time.perf_counter() - start, 2)]
-                record = {"prompts_done": i + 1, "prompts_sha256": _prompt_hash(prompts[: i + 1]),
-                          "seconds_per_prompt": seconds}
+                record = {
+                    "prompts_done": i + 1,
+                    "prompts_sha256": _prompt_hash(prompts[: i + 1]),
+                    "seconds_per_prompt": seconds,
+                }
                 state.metadata[PROGRESS_KEY] = record
                 _save(state, partial, torch.float32)
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
         if progress and record["prompts_done"]:
-            print(f"lenskit: kept {record['prompts_done']} finished prompts in {partial}: "
-                  "run the same fit again to resume", file=sys.stderr, flush=True)
+            print(
+                f"lenskit: kept {record['prompts_done']} finished prompts in {partial}: "
+                "run the same fit again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
         raise
     bar.close()
     if state is None:
@@ -254,20 +308,38 @@ def fit_jacobian_lens(
     return JLens.load(model, file)
 
 
-def _fit_one(model: Any, prompt: str, index: int, *, corpus: str, dim_batch: int, seq_len: int,
-             skip: int, info: dict[str, Any]) -> TLJacobianLens:
+def _fit_one(
+    model: Any,
+    prompt: str,
+    index: int,
+    *,
+    corpus: str,
+    dim_batch: int,
+    seq_len: int,
+    skip: int,
+    info: dict[str, Any],
+) -> TLJacobianLens:
     """TransformerLens's ``JacobianLens.fit`` on one prompt."""
     from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
 
     try:
         with model_lock(model):  # its hooks go on the model object, shared between threads
-            return TLJacobianLens.fit(model, [prompt], corpus=corpus, dim_batch=dim_batch,
-                                      max_seq_len=seq_len, skip_first_positions=skip,
-                                      show_progress=False, metadata={"lenskit": info})
+            return TLJacobianLens.fit(
+                model,
+                [prompt],
+                corpus=corpus,
+                dim_batch=dim_batch,
+                max_seq_len=seq_len,
+                skip_first_positions=skip,
+                show_progress=False,
+                metadata={"lenskit": info},
+            )
     except (TypeError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise LenskitError(f"TransformerLens could not fit prompt {index} ({first}): "
-                           "check the model and the prompt") from err
+        raise LenskitError(
+            f"TransformerLens could not fit prompt {index} ({first}): "
+            "check the model and the prompt"
+        ) from err
 
 
 def _merge(state: TLJacobianLens, shard: TLJacobianLens, source: Path | None) -> TLJacobianLens:
@@ -279,12 +351,20 @@ def _merge(state: TLJacobianLens, shard: TLJacobianLens, source: Path | None) ->
         return TLJacobianLens.merge([state, shard])
     except ValueError as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise LenskitError(f"{source} cannot be extended by this fit ({first}): pass another "
-                           "out or resume=False (--no-resume)") from err
+        raise LenskitError(
+            f"{source} cannot be extended by this fit ({first}): pass another "
+            "out or resume=False (--no-resume)"
+        ) from err
 
 
 def _bar(total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="fitting J-lens", unit="prompt",
-                disable=not enabled, smoothing=0.5)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="fitting J-lens",
+        unit="prompt",
+        disable=not enabled,
+        smoothing=0.5,
+    )

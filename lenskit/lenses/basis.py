@@ -3,7 +3,7 @@
 A :class:`CausalBasis` holds, for one lens row ``layer`` (the input of block ``layer``),
 ``k`` orthonormal directions of the residual stream sorted by their influence on a lens
 (decreasing), the mean residual they are ablated around, and the data and settings that
-found them. :mod:`lenskit.causal_extraction` finds them and :mod:`lenskit.causal_influence`
+found them. :mod:`lenskit.causal.extraction` finds them and :mod:`lenskit.causal.influence`
 measures them.
 
 Files: a basis folder holds one ``layer_{L}.safetensors`` per layer (``basis`` [k, d_model],
@@ -80,8 +80,9 @@ def rank_correlation(a: Float[Tensor, " k"], b: Float[Tensor, " k"]) -> float:
         A value in [-1, 1]; NaN for fewer than two values or where either side is constant.
     """
     if a.shape != b.shape:
-        raise ValueError(f"rank_correlation needs equal shapes, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(
+            f"rank_correlation needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if a.numel() < 2:
         return math.nan
     ra, rb = _ranks(a.double()), _ranks(b.double())
@@ -102,7 +103,7 @@ class CausalBasis:
     """``k`` orthonormal residual directions of one layer, most influential first.
 
     Influences are mean KL divergences in bits per token between an output and the same
-    output with the direction ablated (see :mod:`lenskit.causal_influence`).
+    output with the direction ablated (see :mod:`lenskit.causal.influence`).
 
     Attributes:
         layer: The lens row (block input) the directions live in.
@@ -139,8 +140,9 @@ class CausalBasis:
             raise ValueError(f"layer must be an integer >= 0, got {self.layer!r}")
         basis = _vector(self.basis, "basis")
         if basis.ndim != 2 or basis.shape[0] < 1 or basis.shape[0] > basis.shape[1]:
-            raise ValueError(f"basis must be [k, d_model] with 1 <= k <= d_model, got "
-                             f"{tuple(basis.shape)}")
+            raise ValueError(
+                f"basis must be [k, d_model] with 1 <= k <= d_model, got {tuple(basis.shape)}"
+            )
         k, d = basis.shape
         gram = basis.double() @ basis.double().T
         error = float((gram - torch.eye(k, dtype=torch.float64)).abs().max())
@@ -156,13 +158,14 @@ class CausalBasis:
                 continue
             values[name] = _vector(value, name)
             if tuple(values[name].shape) != (k,):
-                raise ValueError(f"{name} must have shape ({k},), got "
-                                 f"{tuple(values[name].shape)}")
+                raise ValueError(f"{name} must have shape ({k},), got {tuple(values[name].shape)}")
         if bool((values["lens_influence"][1:] > values["lens_influence"][:-1]).any()):
             raise ValueError("lens_influence must be in decreasing order: sort the directions")
-        meta = {"found_at": tuple(int(i) for i in self.found_at) or tuple(range(k)),
-                "iterations": tuple(int(i) for i in self.iterations) or (0,) * k,
-                "converged": tuple(bool(c) for c in self.converged) or (True,) * k}
+        meta = {
+            "found_at": tuple(int(i) for i in self.found_at) or tuple(range(k)),
+            "iterations": tuple(int(i) for i in self.iterations) or (0,) * k,
+            "converged": tuple(bool(c) for c in self.converged) or (True,) * k,
+        }
         for name, value in meta.items():
             if len(value) != k:
                 raise ValueError(f"{name} must have {k} entries, got {len(value)}")
@@ -193,31 +196,48 @@ class CausalBasis:
     def top(self, k: int) -> CausalBasis:
         """The first ``k`` directions (the most influential on the lens)."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k:
-            raise LenskitError(f"k must be in 1..{self.k} for the basis of layer {self.layer}, "
-                               f"got {k!r}: pass a smaller k")
-        cut = {name: getattr(self, name)[:k] for name in
-               ("basis", "lens_influence", "train_influence", "found_at", "iterations",
-                "converged")}
+            raise LenskitError(
+                f"k must be in 1..{self.k} for the basis of layer {self.layer}, "
+                f"got {k!r}: pass a smaller k"
+            )
+        cut = {
+            name: getattr(self, name)[:k]
+            for name in (
+                "basis",
+                "lens_influence",
+                "train_influence",
+                "found_at",
+                "iterations",
+                "converged",
+            )
+        }
         if self.model_influence is not None:
             cut["model_influence"] = self.model_influence[:k]
         return replace(self, **cut)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per direction (1 = most influential on the lens), influences in bits."""
-        model = (self.model_influence.tolist() if self.model_influence is not None
-                 else [math.nan] * self.k)
-        frame = pd.DataFrame({
-            "layer": self.layer,
-            "direction": range(1, self.k + 1),
-            "lens_influence_bits": self.lens_influence.tolist(),
-            "model_influence_bits": model,
-            "train_influence_bits": self.train_influence.tolist(),
-            "found_at": [i + 1 for i in self.found_at],
-            "iterations": list(self.iterations),
-            "converged": list(self.converged),
-        })
-        frame.attrs.update(spearman=self.spearman, **{
-            key: self.settings.get(key) for key in ("model", "ablation", "data")})
+        model = (
+            self.model_influence.tolist()
+            if self.model_influence is not None
+            else [math.nan] * self.k
+        )
+        frame = pd.DataFrame(
+            {
+                "layer": self.layer,
+                "direction": range(1, self.k + 1),
+                "lens_influence_bits": self.lens_influence.tolist(),
+                "model_influence_bits": model,
+                "train_influence_bits": self.train_influence.tolist(),
+                "found_at": [i + 1 for i in self.found_at],
+                "iterations": list(self.iterations),
+                "converged": list(self.converged),
+            }
+        )
+        frame.attrs.update(
+            spearman=self.spearman,
+            **{key: self.settings.get(key) for key in ("model", "ablation", "data")},
+        )
         return frame
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,25 +246,35 @@ class CausalBasis:
         for name in _TENSORS:
             value = getattr(self, name)
             out[name] = None if value is None else value.tolist()
-        out |= {"found_at": list(self.found_at), "iterations": list(self.iterations),
-                "converged": list(self.converged), "spearman": _json_float(self.spearman),
-                "settings": json.loads(json.dumps(self.settings))}
+        out |= {
+            "found_at": list(self.found_at),
+            "iterations": list(self.iterations),
+            "converged": list(self.converged),
+            "spearman": _json_float(self.spearman),
+            "settings": json.loads(json.dumps(self.settings)),
+        }
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CausalBasis:
         """Rebuild a basis written by :meth:`to_dict`."""
-        values = {name: None if data.get(name) is None else torch.tensor(data[name])
-                  for name in _TENSORS}
-        return cls(layer=int(data["layer"]), **values, found_at=tuple(data["found_at"]),
-                   iterations=tuple(data["iterations"]), converged=tuple(data["converged"]),
-                   settings=dict(data.get("settings") or {}))
+        values = {
+            name: None if data.get(name) is None else torch.tensor(data[name]) for name in _TENSORS
+        }
+        return cls(
+            layer=int(data["layer"]),
+            **values,
+            found_at=tuple(data["found_at"]),
+            iterations=tuple(data["iterations"]),
+            converged=tuple(data["converged"]),
+            settings=dict(data.get("settings") or {}),
+        )
 
     def save(self, folder: str | Path) -> Path:
         """Add this layer to a basis folder (replacing an earlier basis of the same layer).
 
         ``settings`` must hold ``model`` (the model's name and shape, see
-        :mod:`lenskit.causal_extraction`) and ``lens``; a folder holding layers of another
+        :mod:`lenskit.causal.extraction`) and ``lens``; a folder holding layers of another
         model or lens is refused.
 
         Returns:
@@ -258,20 +288,29 @@ class CausalBasis:
             raise LenskitError(f"{target} is a file: give a folder for the basis")
         owner = {key: self.settings.get(key) for key in ("model", "model_shape", "lens")}
         if owner["model"] is None or owner["lens"] is None:
-            raise LenskitError("the basis's settings lack its model or lens: extract it with "
-                               "lenskit.causal_extraction.extract_causal_basis")
-        index = read_index(target) if (target / INDEX_FILE).is_file() else {
-            "format": FORMAT, "version": VERSION, **owner, "layers": {}}
+            raise LenskitError(
+                "the basis's settings lack its model or lens: extract it with "
+                "lenskit.causal.extraction.extract_causal_basis"
+            )
+        index = (
+            read_index(target)
+            if (target / INDEX_FILE).is_file()
+            else {"format": FORMAT, "version": VERSION, **owner, "layers": {}}
+        )
         for key, value in owner.items():
             if index.get(key) != value:
                 raise LenskitError(
                     f"{target} holds causal bases for {key} {index.get(key)!r}, not "
                     f"{value!r}: give another folder (a basis folder never mixes models or "
-                    "lenses)")
+                    "lenses)"
+                )
         from safetensors.torch import save as st_save
 
-        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS
-                   if getattr(self, name) is not None}
+        tensors = {
+            name: getattr(self, name).contiguous()
+            for name in _TENSORS
+            if getattr(self, name) is not None
+        }
         file = target / layer_file(self.layer)
         with atomic_open(file, "wb") as handle:
             handle.write(st_save(tensors, metadata={"format": "pt", "layer": str(self.layer)}))
@@ -294,21 +333,29 @@ class CausalBasis:
         entry = index["layers"].get(str(layer))
         if entry is None:
             have = ", ".join(index["layers"]) or "none"
-            raise LenskitError(f"{target} has no causal basis for layer {layer} (layers: {have})"
-                               f": extract it with `lenskit causal-basis --layer {layer} --out "
-                               f"{target}`")
+            raise LenskitError(
+                f"{target} has no causal basis for layer {layer} (layers: {have})"
+                f": extract it with `lenskit causal-basis --layer {layer} --out "
+                f"{target}`"
+            )
         file = target / str(entry.get("file", layer_file(layer)))
         try:
             from safetensors.torch import load_file
 
             tensors = load_file(file, device="cpu")
-            return cls(layer=int(layer), **{name: tensors.get(name) for name in _TENSORS},
-                       found_at=tuple(entry["found_at"]), iterations=tuple(entry["iterations"]),
-                       converged=tuple(entry["converged"]), settings=entry["settings"])
+            return cls(
+                layer=int(layer),
+                **{name: tensors.get(name) for name in _TENSORS},
+                found_at=tuple(entry["found_at"]),
+                iterations=tuple(entry["iterations"]),
+                converged=tuple(entry["converged"]),
+                settings=entry["settings"],
+            )
         except Exception as err:  # missing files, bad headers, truncated data, bad values
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-            raise LenskitError(f"{file} is missing or corrupt ({first}): extract layer {layer} "
-                               "again") from err
+            raise LenskitError(
+                f"{file} is missing or corrupt ({first}): extract layer {layer} again"
+            ) from err
 
 
 def _json_float(value: float) -> float | None:
@@ -323,23 +370,30 @@ def read_index(folder: str | Path) -> dict[str, Any]:
     """
     target = Path(folder).expanduser()
     if not target.is_dir():
-        raise LenskitError(f"no causal basis folder at {target}: check the path, or extract "
-                           f"one with `lenskit causal-basis --layer L --out {target}`")
+        raise LenskitError(
+            f"no causal basis folder at {target}: check the path, or extract "
+            f"one with `lenskit causal-basis --layer L --out {target}`"
+        )
     file = target / INDEX_FILE
     try:
         index = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise LenskitError(f"{target} has no {INDEX_FILE}: give a folder written by "
-                           "`lenskit causal-basis`") from err
+        raise LenskitError(
+            f"{target} has no {INDEX_FILE}: give a folder written by `lenskit causal-basis`"
+        ) from err
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LenskitError(f"{file} is unreadable or not JSON ({type(err).__name__}): extract "
-                           "the basis again") from err
+        raise LenskitError(
+            f"{file} is unreadable or not JSON ({type(err).__name__}): extract the basis again"
+        ) from err
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise LenskitError(f"{file} is not a {FORMAT} index: give a folder written by "
-                           "`lenskit causal-basis`")
+        raise LenskitError(
+            f"{file} is not a {FORMAT} index: give a folder written by `lenskit causal-basis`"
+        )
     if index.get("version") != VERSION:
-        raise LenskitError(f"{file} is version {index.get('version')!r} of the format; this "
-                           f"lenskit reads version {VERSION}: extract the basis again")
+        raise LenskitError(
+            f"{file} is version {index.get('version')!r} of the format; this "
+            f"lenskit reads version {VERSION}: extract the basis again"
+        )
     if not isinstance(index.get("layers"), dict) or not isinstance(index.get("lens"), dict):
         raise LenskitError(f"{file} lacks its layers or lens: extract the basis again")
     return index
