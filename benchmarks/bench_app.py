@@ -87,9 +87,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    import lenskit_app.state as S
+    from lenskit_app.loaders import load_model
 
-    model = S.load_model("smollm2-135m", "cpu", "float32")  # warm: st.cache_resource
+    model = load_model("smollm2-135m", "cpu", "float32")  # warm: st.cache_resource
     _time_page("pages/trajectory.py", _prompt(model, 99), _prompt(model, 97))  # load lenses
     _time_page("pages/compare.py", _prompt(model, 98), _prompt(model, 96))
     pages = {

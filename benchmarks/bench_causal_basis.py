@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 import lenskit
-from lenskit.causal.extraction import CausalBasisConfig, extract_causal_basis
+from lenskit.causal.config import CausalBasisConfig
+from lenskit.causal.extraction import extract_causal_basis
 from lenskit.io import atomic_write_json
 
 HERE = Path(__file__).resolve().parent

@@ -4,9 +4,13 @@ Scores the logit and the tuned lens together (KL to the output, next-token cross
 entropy, top-1 agreement at every block input) and, in the same run, the plain
 TransformerLens way of computing the same numbers: ``run_with_cache`` per batch, then per
 lens and layer ``ln_final`` + ``unembed`` + ``log_softmax`` statistics over the whole batch.
-Both score the same chunks and positions in float32 (lenskit with ``row_stats`` and
+Both score the same chunks and positions in float32 (lenskit with ``logit_stats`` and
 float64 per-chunk sums, the plain loop with ``log_softmax``); the largest differences in
 mean KL and in any metric are reported.
+
+lenskit runs at ``precision="exact"`` (float32, like the plain loop) and, beside it, at
+``"auto"``; each against the readout floor (the unembedding matmuls alone) in its precision,
+with the measured float32 / bf16 GFLOP/s and the load average.
 
 Run: ``python benchmarks/bench_eval.py [--tokens 256] [--repeats 3]`` (about 2-3 minutes
 on 2 cores: each repeat reads 256 tokens x 30 layers x 2 lenses through the 49k-token
@@ -89,31 +93,49 @@ def main() -> None:
 
     import lenskit
     from lenskit.evaluation import STATS_DTYPE, eval_chunks, evaluate
+    from lenskit.readout import Readout, matmul_rates
 
     load_before = os.getloadavg()
+    rates = matmul_rates("cpu", fresh=True)
     model = lenskit.load_model()
     lenses = {"logit": lenskit.get_lens("logit", model), "tuned": tuned_lens(model, args.tuned)}
     chunks = eval_chunks(model, args.data, tokens=args.tokens, seq_len=args.seq_len)
     evaluate(model, lenses, chunks, tokens=args.seq_len, progress=False)  # warm-up
-    ours, plain = [], []
-    for _ in range(args.repeats):
+    run = dict(tokens=chunks.n_tokens, batch_size=args.batch_size, progress=False)
+    auto = Readout(lenses["logit"].adapter, "auto")
+    x = torch.randn(512, model.cfg.d_model)
+    ours, plain, ours_auto, floor_exact, floor_auto = [], [], [], [], []
+    for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
         tic = time.perf_counter()
-        result = evaluate(
-            model,
-            lenses,
-            chunks,
-            tokens=chunks.n_tokens,
-            batch_size=args.batch_size,
-            progress=False,
-        )
+        result = evaluate(model, lenses, chunks, precision="exact", **run)
         ours.append(time.perf_counter() - tic)
         tic = time.perf_counter()
         ref = plain_transformer_lens(model, lenses["tuned"], chunks.tokens, args.batch_size)
         plain.append(time.perf_counter() - tic)
+        tic = time.perf_counter()
+        evaluate(model, lenses, chunks, precision="auto", **run)
+        ours_auto.append(time.perf_counter() - tic)
+        for engine, times in ((Readout(auto.adapter, "exact"), floor_exact), (auto, floor_auto)):
+            tic = time.perf_counter()
+            engine.unembed(x)
+            times.append((time.perf_counter() - tic) / 512)  # seconds per readout row
     frame = result.metrics[result.metrics.lens != "model"]
     mine = torch.tensor(frame.kl_bits.to_numpy()).view(2, -1)
     n = chunks.n_tokens
+    rows = 2 * model.cfg.n_layers + 1  # both lenses at every block input, and the output
+    floor = {  # tokens/s of the unembedding matmuls alone, in each precision
+        "exact": 1.0 / (statistics.median(floor_exact) * rows),
+        "auto": 1.0 / (statistics.median(floor_auto) * rows),
+    }
     out = {
+        "gflops_fp32": rates["fp32"],
+        "gflops_bf16": rates["bf16"],
+        "auto_precision": auto.precision,
+        "lenskit_auto_s": ours_auto,
+        "lenskit_auto_tokens_per_s": n / statistics.median(ours_auto),
+        "floor_tokens_per_s": floor,
+        "share_of_floor_exact": n / statistics.median(ours) / floor["exact"],
+        "share_of_floor_auto": n / statistics.median(ours_auto) / floor["auto"],
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
@@ -152,7 +174,10 @@ def main() -> None:
         f"TransformerLens loop {out['plain_tokens_per_s']:.0f} tokens/s "
         f"({out['plain_median_s']:.1f} s); max |KL difference| "
         f"{out['max_abs_kl_difference_bits']:.2e} bits; 1M tokens at lenskit's rate: "
-        f"{out['projected_1m_tokens_lenskit_h']:.1f} h; wrote {args.out}"
+        f"{out['projected_1m_tokens_lenskit_h']:.1f} h; share of the readout floor: exact "
+        f"{out['share_of_floor_exact']:.0%}, {auto.precision} {out['share_of_floor_auto']:.0%}; "
+        f"fp32 / bf16 {rates['fp32']:.0f} / {rates['bf16']:.0f} GFLOP/s, load average "
+        f"{load_before[0]:.1f}; wrote {args.out}"
     )
 
 

@@ -95,24 +95,39 @@ def bench_trajectory(repeats: int) -> dict[str, object]:
     tokens = torch.randint(100, 40000, (1, PROMPT_TOKENS), generator=gen)
     tokens[0, 0] = model.tokenizer.bos_token_id
     lenskit.trajectory(model, lens, tokens)  # warm-up
+    from lenskit.readout import Readout
     from lenskit.residual import capture
 
     rows = capture(model, tokens).lens_rows()[:-1, 0]  # every block input, [layer, pos, d]
-    ours, plain, floor = [], [], []
-    for _ in range(repeats):
+    auto = Readout(lens.adapter, "auto")
+    normed = lens.adapter.final_norm(rows).reshape(-1, rows.shape[-1]).detach()
+    ours, plain, floor, ours_auto, floor_auto = [], [], [], [], []
+    for _ in range(repeats):  # interleaved, so load changes hit every variant alike
         t = time.perf_counter()
         with torch.no_grad():
             lens.adapter.readout(rows)  # the unembedding alone: the floor of any exact method
         floor.append(time.perf_counter() - t)
         t = time.perf_counter()
-        traj = lenskit.trajectory(model, lens, tokens, target=" Paris")
+        traj = lenskit.trajectory(model, lens, tokens, target=" Paris", precision="exact")
         ours.append(time.perf_counter() - t)
         t = time.perf_counter()
         with torch.no_grad():
             ref = plain_transformer_lens(model, tokens)
         plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        auto.unembed(normed)  # the floor in the precision "auto" chose
+        floor_auto.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        lenskit.trajectory(model, lens, tokens, target=" Paris", precision="auto")
+        ours_auto.append(time.perf_counter() - t)
     kl_diff = (traj.kl_to_final - ref["kl"]).abs().max().item()
     return {
+        "auto_precision": auto.precision,
+        "lenskit_auto_s": ours_auto,
+        "readout_only_auto_s": floor_auto,
+        "lenskit_auto_median_s": statistics.median(ours_auto),
+        "readout_only_auto_median_s": statistics.median(floor_auto),
+        "auto_over_its_floor": statistics.median(ours_auto) / statistics.median(floor_auto),
         "prompt_tokens": PROMPT_TOKENS,
         "rows": len(traj.layer_labels),
         "lenskit_trajectory_s": ours,
@@ -140,16 +155,23 @@ def main() -> None:
     parser.add_argument("--cold-repeats", type=int, default=1)
     parser.add_argument("--skip-load", action="store_true", help="only time the trajectory")
     args = parser.parse_args()
+    from lenskit.readout import matmul_rates
+
+    rates = matmul_rates("cpu", fresh=True)
     result = {
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "gflops_fp32": rates["fp32"],
+            "gflops_bf16": rates["bf16"],
+            "load_average_before": os.getloadavg(),
         },
         "load": _previous_load() if args.skip_load else bench_load(args.repeats, args.cold_repeats),
         "trajectory": bench_trajectory(args.repeats),
     }
+    result["machine"]["load_average_after"] = os.getloadavg()
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "foundation.json").write_text(json.dumps(result, indent=2) + "\n")
     load, traj = result["load"], result["trajectory"]
@@ -162,7 +184,11 @@ def main() -> None:
         f"trajectory, {traj['prompt_tokens']} tokens x {traj['rows']} rows: "
         f"lenskit {traj['lenskit_median_s']:.2f} s, "
         f"plain TransformerLens loop {traj['plain_median_s']:.2f} s, "
-        f"unembedding alone {traj['readout_only_median_s']:.2f} s"
+        f"unembedding alone {traj['readout_only_median_s']:.2f} s (all float32); "
+        f"{traj['auto_precision']}: lenskit {traj['lenskit_auto_median_s']:.2f} s, its "
+        f"unembedding {traj['readout_only_auto_median_s']:.2f} s; fp32 / bf16 "
+        f"{rates['fp32']:.0f} / {rates['bf16']:.0f} GFLOP/s, load average "
+        f"{result['machine']['load_average_before'][0]:.1f}"
     )
 
 

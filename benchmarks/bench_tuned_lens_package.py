@@ -16,13 +16,26 @@ Phases (each writes its result into ``--work``; a rerun skips finished phases):
    split as ``train.jsonl``.
 3. ``package``: ``python -m tuned_lens train`` (its defaults: SGD with Nesterov momentum,
    bf16 autocast) for ``--minutes`` of wall-clock from launch, a snapshot every step.
-4. ``lenskit``: ``lenskit train`` with a budget that ends within 3 minutes (and, with
-   ``--long``, one that ends within 15).
+4. ``lenskit``: ``lenskit train --minutes 3`` (and, with ``--long``, ``--minutes 15``),
+   timed from launch to saved lens.
 5. ``score``: held-out KL of the package's snapshots at 5, 10 and 15 minutes (the last
-   snapshot written by then) and of both lenskit lenses, in one pass over the data.
+   snapshot written by then) and of both lenskit lenses, on two held-out corpora: the
+   Shakespeare held-out split and the standard-library docstrings of
+   ``bench_train.docs_corpus``.
 
-Run: ``python benchmarks/bench_tuned_lens_package.py [--work DIR] [--minutes 15]``.
-Writes ``benchmarks/results/tuned_lens_package.json``.
+``speed`` instead times the KL step side by side, in one run: rounds of the package's
+own training loop (``--steps`` + 1 steps, the first left out) and of lenskit's bfloat16
+KL step on the same training chunks, alternating, with the load average and matmul
+rates of each round; medians over ``--rounds``.
+
+Run (quiet machine, times for this 2-core AMX kind):
+
+- ``python benchmarks/bench_tuned_lens_package.py speed --venv DIR`` (about 10 minutes);
+- ``python benchmarks/bench_tuned_lens_package.py --long --venv DIR`` (about 40 minutes:
+  the package's 15, lenskit's 3 and 15, then scoring);
+
+a venv with ``--system-site-packages`` and the pins installed ``--no-deps`` also works.
+Writes ``benchmarks/results/tuned_lens_package.json`` and ``..._speed.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,30 +57,8 @@ HERE = Path(__file__).resolve().parent
 SEQ_LEN = 256
 TOKENS_PER_STEP = 1024
 PACKAGE_PINS = ["tuned-lens==0.2.0", "torchdata==0.8.0", "transformers<5", "datasets<4"]
-# Budgets of the lenskit runs (closed-form start, then exact-KL steps). A lens made
-# within 3 minutes is also made within 15; ``--long`` adds the 15-minute budget.
-LENSKIT_RUNS = {
-    "lenskit_3min": [
-        "--lstsq-tokens",
-        "8192",
-        "--tokens",
-        "0",
-        "--eval-tokens",
-        "256",
-        "--val-tokens",
-        "0",
-    ],
-    "lenskit_15min": [
-        "--lstsq-tokens",
-        "32768",
-        "--tokens",
-        "4096",
-        "--eval-tokens",
-        "256",
-        "--val-tokens",
-        "512",
-    ],
-}
+# The lenskit runs: a wall-clock budget from launch to saved lens (``--long`` adds 15 minutes).
+LENSKIT_RUNS = {"lenskit_3min": ["--minutes", "3"], "lenskit_15min": ["--minutes", "15"]}
 
 
 def _run(cmd: list[str], **kwargs: object) -> None:
@@ -125,7 +117,7 @@ def phase_prepare(work: Path) -> dict[str, object]:
     return info
 
 
-def phase_package(python: Path, work: Path, minutes: float) -> dict[str, object]:
+def phase_package(python: Path, work: Path, minutes: float, precision: str) -> dict[str, object]:
     """Train with the package for ``minutes`` of wall-clock; snapshot times from launch."""
     done = work / "package.json"
     if done.exists():
@@ -133,31 +125,8 @@ def phase_package(python: Path, work: Path, minutes: float) -> dict[str, object]
     out = work / "package-lens"
     if out.exists():
         shutil.rmtree(out)
-    cmd = [
-        str(python),
-        "-m",
-        "tuned_lens",
-        "train",
-        "--model.name",
-        str(work / "smollm2-135m-hf4"),
-        "--precision",
-        "float32",
-        "--data.name",
-        str(work / "train.jsonl"),
-        "--max_length",
-        str(SEQ_LEN),
-        "--tokens_per_step",
-        str(TOKENS_PER_STEP),
-        "--num_steps",
-        "250",
-        "--per_gpu_batch_size",
-        str(TOKENS_PER_STEP // SEQ_LEN),
-        "--checkpoint_freq",
-        "1",
-        "--output",
-        str(out),
-    ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [*_package_cmd(python, work, precision, 250, out), "--checkpoint_freq", "1"]
+    env = _package_env(work)
     log = (work / "package.log").open("w")
     start = time.time()
     print("+", " ".join(cmd), flush=True)
@@ -180,11 +149,122 @@ def phase_package(python: Path, work: Path, minutes: float) -> dict[str, object]
     info = {
         "command": cmd,
         "minutes": minutes,
+        "load_average_after": os.getloadavg(),
         "snapshots": times,
         "tokens_per_s": (TOKENS_PER_STEP / (sum(steps_s) / len(steps_s)) if steps_s else None),
     }
     done.write_text(json.dumps(info, indent=2))
     return info
+
+
+def _package_env(work: Path) -> dict[str, str]:
+    """The package's environment: no wandb, and transformer-lens hidden.
+
+    A venv made with ``--system-site-packages`` sees lenskit's transformer-lens 4, which
+    the package 0.2.0 probes for ``HookedTransformer`` (removed in 4.0); a stub that fails
+    to import makes it take its plain-transformers path, as in its own environment.
+    """
+    stub = work / "hide-transformer-lens" / "transformer_lens"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "__init__.py").write_text('raise ImportError("hidden from tuned-lens 0.2.0")\n')
+    path = os.pathsep.join(p for p in (str(stub.parent), os.environ.get("PYTHONPATH")) if p)
+    return {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": path,
+    }
+
+
+def _package_cmd(python: Path, work: Path, precision: str, steps: int, out: Path) -> list[str]:
+    return [
+        str(python),
+        "-m",
+        "tuned_lens",
+        "train",
+        "--model.name",
+        str(work / "smollm2-135m-hf4"),
+        "--precision",
+        precision,
+        "--data.name",
+        str(work / "train.jsonl"),
+        "--max_length",
+        str(SEQ_LEN),
+        "--tokens_per_step",
+        str(TOKENS_PER_STEP),
+        "--num_steps",
+        str(steps),
+        "--per_gpu_batch_size",
+        str(TOKENS_PER_STEP // SEQ_LEN),
+        "--output",
+        str(out),
+    ]
+
+
+_TQDM = re.compile(r"Training:[^\r\n]*?\| *(\d+)/\d+ \[(?:(\d+):)?(\d+):(\d+)")
+
+
+def package_rate(python: Path, work: Path, steps: int, precision: str) -> float | None:
+    """Tokens/s of the package's own training loop, its first step left out (tqdm's clock).
+
+    ``python -m tuned_lens train`` runs ``steps + 1`` steps without snapshots; the rate
+    is taken between the progress bar's first and last update (1-second resolution).
+    """
+    out = work / "package-speed-lens"
+    shutil.rmtree(out, ignore_errors=True)
+    env = _package_env(work)
+    cmd = _package_cmd(python, work, precision, steps + 1, out)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    marks = [
+        (int(n), int(h or 0) * 3600 + int(m) * 60 + int(sec))
+        for n, h, m, sec in _TQDM.findall(done.stdout + done.stderr)
+    ]
+    marks = [m for m in marks if m[0] >= 1]
+    if len(marks) < 2 or marks[-1][0] == marks[0][0] or marks[-1][1] == marks[0][1]:
+        return None
+    (n0, t0), (n1, t1) = marks[0], marks[-1]
+    return (n1 - n0) * TOKENS_PER_STEP / (t1 - t0)
+
+
+def phase_speed(
+    python: Path, work: Path, steps: int, rounds: int, precision: str
+) -> dict[str, object]:
+    """KL-step tokens/s of the package and of lenskit (bf16), interleaved round by round."""
+    import statistics
+
+    sys.path.insert(0, str(HERE))
+    import bench_train
+
+    import lenskit
+    from lenskit.data import default_corpus, split_documents, tokenize_corpus
+    from lenskit.lenses.tuned import TunedLens
+    from lenskit.progress import frozen
+
+    model = lenskit.load_model()
+    train = split_documents(default_corpus(), 0.1, seed=0)[0]
+    per = TOKENS_PER_STEP // SEQ_LEN
+    chunks = tokenize_corpus(
+        train, model.tokenizer, SEQ_LEN, max_tokens=TOKENS_PER_STEP * steps
+    ).tokens
+    batches = [chunks[i * per : (i + 1) * per] for i in range(steps)]
+    lens = TunedLens.untrained(model)
+    log = []
+    for r in range(rounds):
+        entry: dict[str, object] = {"machine": bench_train.machine()}
+        entry["package"] = package_rate(python, work, steps, precision)
+        with frozen(model):
+            entry["lenskit_bfloat16"] = bench_train.kl_step_rate(model, lens, batches, "bfloat16")
+        entry["load_after"] = os.getloadavg()
+        log.append(entry)
+        print(f"round {r}: {entry}", flush=True)
+    package = statistics.median(x["package"] for x in log if x["package"]) if log else None
+    ours = statistics.median(float(x["lenskit_bfloat16"]) for x in log)
+    return {
+        "rounds": log,
+        "package_tokens_per_s": package,
+        "lenskit_bfloat16_tokens_per_s": ours,
+        "speedup": ours / package if package else None,
+    }
 
 
 def phase_lenskit(work: Path, long: bool) -> dict[str, object]:
@@ -232,8 +312,18 @@ def phase_score(work: Path, package: dict, runs: dict, minutes: float) -> dict[s
     from lenskit.lenses.tuned import TunedLens
     from lenskit.metrics import LN2
 
+    sys.path.insert(0, str(HERE))
+    from bench_train import docs_corpus
+
+    from lenskit.data import load_corpus, tokenize_corpus
+
     model = lenskit.load_model()
-    tokens = torch.load(work / "heldout.pt", weights_only=True)
+    corpora = {
+        "shakespeare_held_out": torch.load(work / "heldout.pt", weights_only=True),
+        "python_docs": tokenize_corpus(
+            load_corpus(str(docs_corpus(work / "docs"))), model.tokenizer, SEQ_LEN, max_tokens=2048
+        ).tokens,
+    }
     lenses, names = [lenskit.get_lens("logit", model)], ["logit lens (step 0)"]
     marks = [m for m in (5, 10, 15, 20) if m <= minutes + 1e-9]
     for mark in marks:
@@ -254,29 +344,54 @@ def phase_score(work: Path, package: dict, runs: dict, minutes: float) -> dict[s
     for name, run in runs.items():
         lenses.append(lenskit.get_lens("tuned", model, path=run["dir"]))
         names.append(f"{name} ({run['seconds']:.0f} s)")
-    sums = layer_kl_sums(model, lenses, tokens, progress=True)
-    per_layer = (sums / tokens.numel() / LN2).tolist()
-    return {
-        n: {"mean_kl_bits": sum(v) / len(v), "per_layer_kl_bits": v}
-        for n, v in zip(names, per_layer, strict=True)
-    }
+    scores = {}
+    for corpus, tokens in corpora.items():
+        sums = layer_kl_sums(model, lenses, tokens, progress=True)
+        per_layer = (sums / tokens.numel() / LN2).tolist()
+        scores[corpus] = {
+            n: {"mean_kl_bits": sum(v) / len(v), "per_layer_kl_bits": v}
+            for n, v in zip(names, per_layer, strict=True)
+        }
+    return scores
 
 
 def main() -> None:
     """Run the phases and write the results."""
     parser = argparse.ArgumentParser()
+    parser.add_argument("what", nargs="?", default="quality", choices=("quality", "speed"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/lenskit-tl-bench"))
     parser.add_argument("--venv", type=Path, default=Path.home() / ".venvs" / "tuned-lens-0.2.0")
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--long", action="store_true", help="also the 15-minute lenskit run")
+    parser.add_argument(
+        "--precision", default="bfloat16", help="the package's --precision (bf16 autocast)"
+    )
+    parser.add_argument("--steps", type=int, default=4, help="speed: timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="speed: interleaved rounds")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     python = phase_venv(args.venv)
     prepared = phase_prepare(args.work)
-    package = phase_package(python, args.work, args.minutes)
+    (HERE / "results").mkdir(exist_ok=True)
+    if args.what == "speed":
+        speed = phase_speed(python, args.work, args.steps, args.rounds, args.precision)
+        speed["note"] = "medians of interleaved rounds; each round has its load average"
+        path = HERE / "results" / "tuned_lens_package_speed.json"
+        path.write_text(json.dumps(speed, indent=2) + "\n")
+        print(
+            f"package {speed['package_tokens_per_s']} tokens/s, lenskit bf16 "
+            f"{speed['lenskit_bfloat16_tokens_per_s']:.1f} tokens/s, x{speed['speedup']}"
+        )
+        return
+    package = phase_package(python, args.work, args.minutes, args.precision)
     runs = phase_lenskit(args.work, args.long)
     scores = phase_score(args.work, package, runs, args.minutes)
+    from lenskit.training.precision import matmul_rates
+
     result = {
+        "load_average": os.getloadavg(),
+        "matmul_gflops": matmul_rates("cpu", fresh=True),
+        "note": "timed on a shared machine: see the load averages",
         "seq_len": SEQ_LEN,
         "tokens_per_step": TOKENS_PER_STEP,
         "data": prepared,
@@ -284,10 +399,10 @@ def main() -> None:
         "lenskit": runs,
         "heldout_mean_kl_bits": scores,
     }
-    (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "tuned_lens_package.json").write_text(json.dumps(result, indent=2) + "\n")
-    for name, score in scores.items():
-        print(f"{name:55s} {score['mean_kl_bits']:7.2f} bits")
+    for corpus, table in scores.items():
+        for name, score in table.items():
+            print(f"{corpus:22s} {name:55s} {score['mean_kl_bits']:7.2f} bits")
     rate = package["tokens_per_s"]
     print(
         f"package training: {rate:.1f} tokens/s"

@@ -4,7 +4,18 @@
 compares their *full* next-token distributions at each (layer, position) cell:
 ``KL(a || b)`` and Jensen-Shannon in bits, total variation as a probability.
 Rows are numbered as in :class:`lenskit.trajectory.Trajectory`: the block inputs,
-then the model's final residual (labelled ``output``).
+then the model's final residual (labelled ``output``); ``points=("resid_pre",
+"resid_mid")`` adds the stream between attention and MLP (``L12.mid``) in each block.
+
+Example:
+    >>> import lenskit
+    >>> from lenskit.comparison import compare
+    >>> model = lenskit.load_model("tiny-llama")
+    >>> from lenskit.lenses.tuned import TunedLens
+    >>> lenses = [lenskit.get_lens("logit", model), TunedLens.untrained(model)]
+    >>> result = compare(model, lenses, "a b c d")
+    >>> len(result.trajectories)
+    2
 """
 
 from __future__ import annotations
@@ -21,14 +32,22 @@ from torch import Tensor
 
 from lenskit.cells import Cells
 from lenskit.errors import LenskitError
-from lenskit.lenses.base import Lens, row_blocks
-from lenskit.metrics import divergences
-from lenskit.residual import capture, token_texts
-from lenskit.trajectory import Trajectory, TrajectoryBuilder, prompt_tokens, resolve_target
+from lenskit.lenses.base import Lens, point_rows, row_blocks
+from lenskit.metrics import Reference, divergences
+from lenskit.models import Row
+from lenskit.readout import MATMUL_ROWS, Readout, fp32_matmuls
+from lenskit.residual import token_texts
+from lenskit.trajectory import (
+    Trajectory,
+    TrajectoryBuilder,
+    position_blocks,
+    prompt_tokens,
+    resolve_target,
+    row_residuals,
+)
 
 __all__ = ["MEASURES", "Comparison", "LensDivergence", "compare", "lens_divergence"]
 
-_CELLS_PER_READOUT = 512  # cells per unembedding matmul (see lenskit.lenses.base.row_blocks)
 _CELLS_PER_PASS = 16  # cells per divergence pass: its temporaries stay in the CPU cache
 MEASURES: dict[str, str] = {
     "kl": "KL(a ‖ b) (bits)",
@@ -145,11 +164,24 @@ class LensDivergence:
 class _DivergenceCells:
     """Per-cell divergence arrays of two lenses, filled row by row."""
 
-    def __init__(self, lens_a: Lens, lens_b: Lens, n_pos: int, cells: Cells | None = None) -> None:
-        n_rows = lens_a.adapter.n_rows
+    def __init__(
+        self,
+        lens_a: Lens,
+        lens_b: Lens,
+        n_pos: int,
+        cells: Cells | None = None,
+        rows: Sequence[Row] | None = None,
+    ) -> None:
+        self.row_list = list(rows) if rows is not None else lens_a.adapter.rows()
+        n_rows = len(self.row_list)
         self.lens_a, self.lens_b = lens_a, lens_b
         self.cells = cells or Cells.select(n_rows, n_pos)
-        self.covered = torch.tensor([lens_a.covers(r) and lens_b.covers(r) for r in range(n_rows)])
+        self.covered = torch.tensor(
+            [
+                lens_a.covers_point(r.layer, r.point) and lens_b.covers_point(r.layer, r.point)
+                for r in self.row_list
+            ]
+        )
         self.kl = torch.full((n_rows, n_pos), math.nan)
         self.js, self.tv = self.kl.clone(), self.kl.clone()
         self.top_a = torch.full((n_rows, n_pos), -1, dtype=torch.long)
@@ -159,19 +191,18 @@ class _DivergenceCells:
         """Chosen rows that both lenses read."""
         return [r for r in self.cells.rows if self.covered[r]]
 
-    def add(self, row: int, logits_a: Tensor, logits_b: Tensor) -> None:
-        """Divergences of one row from both lenses' logits at the chosen positions."""
-        first = self.cells.start
+    def add(self, row: int, logits_a: Tensor, logits_b: Tensor, window: slice) -> None:
+        """Divergences of one row from both lenses' logits at positions ``window``."""
+        first = window.start
         for start in range(0, logits_a.shape[0], _CELLS_PER_PASS):
             part = slice(start, start + _CELLS_PER_PASS)
             kl_ab, js_ab, tv_ab = divergences(logits_a[part], logits_b[part])
             at = slice(first + start, first + start + len(kl_ab))  # the same cells in the grid
-            self.kl[row, at] = kl_ab.clamp_min(0.0).float()
-            self.js[row, at] = js_ab.clamp_min(0.0).float()
-            self.tv[row, at] = tv_ab.float()
-        window = slice(first, self.cells.stop)
-        self.top_a[row, window] = logits_a.argmax(-1)
-        self.top_b[row, window] = logits_b.argmax(-1)
+            self.kl[row, at] = kl_ab.clamp_min(0.0).float().cpu()
+            self.js[row, at] = js_ab.clamp_min(0.0).float().cpu()
+            self.tv[row, at] = tv_ab.float().cpu()
+        self.top_a[row, window] = logits_a.argmax(-1).cpu()
+        self.top_b[row, window] = logits_b.argmax(-1).cpu()
 
     def finish(self, model: Any, tokens: Tensor, prompt: str | Tensor) -> LensDivergence:
         adapter, n_pos = self.lens_a.adapter, tokens.shape[-1]
@@ -186,7 +217,7 @@ class _DivergenceCells:
             prompt=prompt if isinstance(prompt, str) else f"<{n_pos} token ids>",
             token_ids=tokens[0].cpu(),
             tokens=tuple(token_texts(model.tokenizer, tokens[0])),
-            layer_labels=tuple(adapter.row_label(r) for r in range(adapter.n_rows)),
+            layer_labels=tuple(r.label for r in self.row_list),
             covered=self.covered,
             kl=self.kl,
             js=self.js,
@@ -211,45 +242,58 @@ def lens_divergence(
     rows: Sequence[int] | None = None,
     positions: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    precision: str | None = None,
+    points: Sequence[str] = ("resid_pre",),
 ) -> LensDivergence:
     """Compare two lenses' full next-token distributions at every row and position.
 
     The model runs once; the covered rows are then read through both lenses a block
-    of rows at a time (:meth:`Lens.read_rows`).
+    of cells at a time (:class:`lenskit.readout.Readout`).
 
     Args:
         model: A ``TransformerBridge``.
         lens_a: The first lens (``p`` in ``KL(p || q)``), built for ``model``.
         lens_b: The second lens, built for ``model``.
-        prompt: Text (tokenized with the model's BOS token) or token ids.
+        prompt: Text (tokenized with the model's BOS token) or integer token ids.
         rows: Compute only these rows (None: all); the others are NaN.
         positions: Compute only positions ``start..stop-1`` (None: all).
-        progress: Called as ``progress(done, total)`` after each row, for a
-            progress bar.
+        progress: Called as ``progress(done, total)`` after each row (of each block of
+            positions), for a progress bar.
+        precision: The readout's matmul precision (see :mod:`lenskit.readout`).
+        points: Residual points read in each block (``("resid_pre", "resid_mid")``
+            adds the ``L12.mid`` rows; both lenses must read them).
 
     Returns:
         The :class:`LensDivergence`.
 
     Raises:
-        LenskitError: If a lens was built for another model or the prompt is bad.
+        LenskitError: If a lens was built for another model, the prompt is bad, or a
+            lens has no map for the sub-layer rows asked for.
     """
     _check_model(model, (lens_a, lens_b))
+    row_list = point_rows([lens_a, lens_b], points)
+    engine = Readout(lens_a.adapter, precision)
     tokens = prompt_tokens(model, prompt)
-    chosen = Cells.select(lens_a.adapter.n_rows, tokens.shape[-1], rows, positions)
-    hidden = capture(model, tokens, logits=False).lens_rows()[:, 0]  # [layer, pos, d_model]
-    hidden = hidden[:, chosen.start : chosen.stop]
-    cells = _DivergenceCells(lens_a, lens_b, tokens.shape[-1], chosen)
+    chosen = Cells.select(len(row_list), tokens.shape[-1], rows, positions)
+    hidden = row_residuals(model, tokens, row_list)  # [layer, pos, d_model]
+    cells = _DivergenceCells(lens_a, lens_b, tokens.shape[-1], chosen, row_list)
     todo = cells.rows()
-    done = 0
+    windows = position_blocks(chosen)
+    done, total = 0, len(todo) * len(windows)
     with torch.no_grad():
-        for block in row_blocks(todo, chosen.n_pos, _CELLS_PER_READOUT):
-            block_a = lens_a.read_rows(hidden[block], block)  # [rows in block, pos, d_vocab]
-            block_b = lens_b.read_rows(hidden[block], block)
-            for row, logits_a, logits_b in zip(block, block_a, block_b, strict=True):
-                cells.add(row, logits_a, logits_b)
-                done += 1
-                if progress is not None:
-                    progress(done, len(todo))
+        for window in windows:
+            n_pos = window.stop - window.start
+            for block in row_blocks(todo, n_pos, MATMUL_ROWS // 2):
+                here = [row_list[r] for r in block]
+                with fp32_matmuls():
+                    moved_a = lens_a.translate_points(hidden[block, window], here)
+                    moved_b = lens_b.translate_points(hidden[block, window], here)
+                block_a, block_b = engine.logits(moved_a), engine.logits(moved_b)
+                for row, logits_a, logits_b in zip(block, block_a, block_b, strict=True):
+                    cells.add(row, logits_a, logits_b, window)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
     return cells.finish(model, tokens, prompt)
 
 
@@ -276,6 +320,8 @@ def compare(
     top_k: int = 10,
     rows: Sequence[int] | None = None,
     positions: tuple[int, int] | None = None,
+    precision: str | None = None,
+    points: Sequence[str] = ("resid_pre",),
 ) -> Comparison:
     """Trajectories of several lenses and the divergence of two, sharing every readout.
 
@@ -292,6 +338,9 @@ def compare(
         top_k: Top tokens kept per cell.
         rows: Compute only these rows (None: all); the others are NaN.
         positions: Compute only positions ``start..stop-1`` (None: all).
+        precision: The readout's matmul precision (see :mod:`lenskit.readout`).
+        points: Residual points read in each block (``("resid_pre", "resid_mid")``
+            adds the ``L12.mid`` rows; every lens must read them).
 
     Returns:
         The :class:`Comparison`.
@@ -302,49 +351,76 @@ def compare(
     _check_model(model, lenses)
     if pair is not None and (len(set(pair)) != 2 or not all(0 <= i < len(lenses) for i in pair)):
         raise LenskitError(f"pair {pair} must name two different lenses among 0..{len(lenses) - 1}")
+    row_list = point_rows(lenses, points)
+    engine = Readout(lenses[0].adapter, precision)
     resolved = None if target is None else resolve_target(model.tokenizer, target)
     tokens = prompt_tokens(model, prompt)
-    adapter = lenses[0].adapter
-    n_pos, out = tokens.shape[-1], adapter.n_layers
-    chosen = Cells.select(adapter.n_rows, n_pos, rows, positions)
-    cap = capture(model, tokens)
-    hidden = cap.lens_rows()[:, 0, chosen.start : chosen.stop]  # [layer, pos, d_model]
+    n_pos, out = tokens.shape[-1], len(row_list) - 1
+    chosen = Cells.select(len(row_list), n_pos, rows, positions)
+    hidden = row_residuals(model, tokens, row_list)  # [layer, pos, d_model]
     builders = [
-        TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k, chosen)
-        for lens in lenses
+        TrajectoryBuilder(model, lens, tokens, resolved, top_k, chosen, row_list) for lens in lenses
     ]
     cells = (
-        None if pair is None else _DivergenceCells(lenses[pair[0]], lenses[pair[1]], n_pos, chosen)
+        None
+        if pair is None
+        else _DivergenceCells(lenses[pair[0]], lenses[pair[1]], n_pos, chosen, row_list)
     )
-    wanted = sorted(
-        {r for b in builders for r in b.lens_rows()} | (set(cells.rows()) if cells else set())
-    )
+    # Which rows each lens reads: its trajectory's rows, and the output row for the pair.
+    mine = {
+        i: [
+            r
+            for r in chosen.rows
+            if builders[i].covered[r]
+            and (r in builders[i].lens_rows() or (cells and i in pair and r == out))
+        ]
+        for i, lens in enumerate(lenses)
+    }
+    wanted = sorted({r for rows_i in mine.values() for r in rows_i})
     with torch.no_grad():
-        for block in row_blocks(wanted, chosen.n_pos, _CELLS_PER_READOUT):
-            # Every lens translates its rows; one readout then serves all of them (the
-            # final norm and unembedding are the model's, shared by every lens).
-            mine = {}
-            for i, (lens, builder) in enumerate(zip(lenses, builders, strict=True)):
-                rows_i = [
-                    r
-                    for r in block
-                    if lens.covers(r)
-                    and (r in builder.lens_rows() or (cells and i in pair and r == out))
-                ]
-                if rows_i:
-                    mine[i] = rows_i
-            translated = [lenses[i].translate_rows(hidden[r], r) for i, r in mine.items()]
-            logits = iter(adapter.readout(torch.cat(translated)) if translated else ())
-            read = {i: {r: next(logits) for r in rows_i} for i, rows_i in mine.items()}
-            for i, builder in enumerate(builders):
-                for row in builder.lens_rows():
-                    if row in read.get(i, {}):
-                        builder.add(row, read[i][row])
-            if cells is not None:
-                for row in block:
-                    if cells.covered[row]:
-                        cells.add(row, read[pair[0]][row], read[pair[1]][row])
+        for window in position_blocks(chosen):
+            final = engine.reference_logits(hidden[-1, window])
+            reference = Reference.from_logits(final)
+            for builder in builders:
+                if builder.wants_output:
+                    builder.add(out, final, reference, window)
+            del final
+            for block in row_blocks(wanted, window.stop - window.start, MATMUL_ROWS):
+                _compare_block(
+                    engine, lenses, builders, cells, pair, mine, block, hidden, window, reference
+                )
     return Comparison(
         trajectories=tuple(b.finish(prompt) for b in builders),
         divergence=None if cells is None else cells.finish(model, tokens, prompt),
     )
+
+
+def _compare_block(
+    engine: Readout,
+    lenses: list[Lens],
+    builders: list[TrajectoryBuilder],
+    cells: _DivergenceCells | None,
+    pair: tuple[int, int] | None,
+    mine: dict[int, list[int]],
+    block: list[int],
+    hidden: Tensor,
+    window: slice,
+    reference: Reference,
+) -> None:
+    """One block of rows: every lens translates its rows, then one readout serves all.
+
+    The final norm and unembedding are the model's, shared by every lens.
+    """
+    rows = {i: [r for r in block if r in rows_i] for i, rows_i in mine.items()}
+    rows = {i: r for i, r in rows.items() if r}
+    translated = [builders[i].translate(hidden[r, window], r) for i, r in rows.items()]
+    logits = iter(engine.logits(torch.cat(translated)) if translated else ())
+    read = {i: {r: next(logits) for r in rows_i} for i, rows_i in rows.items()}
+    for i, builder in enumerate(builders):
+        for row in builder.lens_rows():
+            if row in read.get(i, {}):
+                builder.add(row, read[i][row], reference, window)
+    if cells is not None and pair is not None:
+        for row in block:
+            if cells.covered[row] and row in read.get(pair[0], {}):
+                cells.add(row, read[pair[0]][row], read[pair[1]][row], window)

@@ -14,6 +14,14 @@ Tables: ``.csv`` or ``.parquet``. The metadata (at least ``model``, ``lens`` and
 would break CSV readers, and tokens may contain ``#``); for Parquet, to the
 schema metadata under the key ``lenskit``. :func:`load_table` reads either back
 with the metadata in ``frame.attrs``.
+
+Example:
+    >>> import tempfile, pandas as pd
+    >>> from lenskit.export import load_table, save_table
+    >>> path = save_table(pd.DataFrame({"kl_bits": [0.5]}), tempfile.mkdtemp() + "/t.csv",
+    ...                   metadata={"model": "m", "lens": "logit", "prompt": "p"})
+    >>> load_table(path).attrs["model"]
+    'm'
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ __all__ = [
     "load_table",
     "save_figure",
     "save_table",
+    "table_bytes",
 ]
 
 FIGURE_FORMATS = (".html", ".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp")
@@ -217,6 +226,71 @@ def _is_listlike(value: Any) -> bool:
     return isinstance(value, (list, tuple)) or hasattr(value, "tolist")
 
 
+def _csv_frame(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The frame with its list columns (top-k tokens, ...) as JSON text, and their names."""
+    frame = frame.copy()
+    frame.attrs = {}
+    json_columns = [
+        str(c)
+        for c in frame.columns
+        if frame[c].dtype == object and frame[c].map(_is_listlike).any()
+    ]
+    for column in json_columns:
+        frame[column] = frame[column].map(
+            lambda v: (
+                json.dumps(v.tolist() if hasattr(v, "tolist") else list(v))
+                if _is_listlike(v)
+                else v
+            )
+        )
+    return frame, json_columns
+
+
+def _parquet_bytes(frame: pd.DataFrame, meta: dict[str, Any]) -> bytes:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise LenskitError("Parquet needs pyarrow: `pip install pyarrow`, or save as .csv") from err
+    frame = frame.copy()
+    frame.attrs = {}
+    arrow = pa.Table.from_pandas(frame, preserve_index=False)
+    schema_meta = {**(arrow.schema.metadata or {}), _PARQUET_KEY: json.dumps(meta).encode()}
+    sink = pa.BufferOutputStream()
+    pq.write_table(arrow.replace_schema_metadata(schema_meta), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def table_bytes(
+    table: Any, fmt: str, *, metadata: dict[str, Any] | None = None
+) -> tuple[bytes, bytes | None]:
+    """A table as file bytes (for a download), with its provenance, as :func:`save_table`.
+
+    Args:
+        table: A DataFrame, or a result with ``.to_frame()``.
+        fmt: ``"csv"`` or ``"parquet"`` (with or without the dot).
+        metadata: More metadata (JSON-able), overriding ``frame.attrs``; it must name
+            ``model``, ``lens`` and ``prompt`` in all.
+
+    Returns:
+        ``(data, sidecar)``: for CSV the CSV text and the JSON sidecar that
+        :func:`save_table` writes beside it (:func:`load_table` reads the pair back when
+        the sidecar is saved as ``<name>.csv.json``); for Parquet the file, the
+        metadata inside, and None.
+
+    Raises:
+        LenskitError: For an unknown format or missing metadata.
+    """
+    suffix = _suffix(Path(f"table.{str(fmt).lstrip('.')}"), TABLE_FORMATS, "table")
+    frame = _as_frame(table)
+    meta = _metadata(frame, metadata)
+    if suffix == ".parquet":
+        return _parquet_bytes(frame, meta), None
+    flat, json_columns = _csv_frame(frame)
+    sidecar = {"lenskit": meta, "format": "csv", "json_columns": json_columns}
+    return flat.to_csv(index=False).encode("utf-8"), json.dumps(sidecar, indent=2).encode()
+
+
 def save_table(
     table: Any,
     path: str | os.PathLike[str],
@@ -244,40 +318,11 @@ def save_table(
         LenskitError: For an unknown suffix or missing metadata.
     """
     target = Path(path)
-    suffix = _suffix(target, TABLE_FORMATS, "table")
-    frame = _as_frame(table)
-    meta = _metadata(frame, metadata)
-    frame = frame.copy()
-    frame.attrs = {}
-    if suffix == ".csv":
-        json_columns = [
-            str(c)
-            for c in frame.columns
-            if frame[c].dtype == object and frame[c].map(_is_listlike).any()
-        ]
-        for column in json_columns:
-            frame[column] = frame[column].map(
-                lambda v: (
-                    json.dumps(v.tolist() if hasattr(v, "tolist") else list(v))
-                    if _is_listlike(v)
-                    else v
-                )
-            )
-        with atomic_open(target, "w") as handle:
-            frame.to_csv(handle, index=False)
-        sidecar = {"lenskit": meta, "format": "csv", "json_columns": json_columns}
-        atomic_write_json(f"{target}.json", sidecar)
-        return target
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise LenskitError("Parquet needs pyarrow: `pip install pyarrow`, or save as .csv") from err
-    arrow = pa.Table.from_pandas(frame, preserve_index=False)
-    schema_meta = {**(arrow.schema.metadata or {}), _PARQUET_KEY: json.dumps(meta).encode()}
-    arrow = arrow.replace_schema_metadata(schema_meta)
+    data, sidecar = table_bytes(table, _suffix(target, TABLE_FORMATS, "table"), metadata=metadata)
     with atomic_open(target, "wb") as handle:
-        pq.write_table(arrow, handle)
+        handle.write(data)
+    if sidecar is not None:
+        atomic_write_json(f"{target}.json", json.loads(sidecar))
     return target
 
 

@@ -2,7 +2,14 @@
 
 All functions take logits (unnormalised) over the last axis and work in float32
 or better; ``p`` is the reference distribution (the model's final output) and
-``q`` the lens's.
+``q`` the lens's. The fused statistics of whole readouts (top-k, entropy, KL, ranks
+in one pass per block) are :func:`lenskit.readout.logit_stats`.
+
+Example:
+    >>> import torch
+    >>> from lenskit.metrics import entropy_bits
+    >>> round(float(entropy_bits(torch.zeros(4))), 6)  # uniform over 4 tokens: 2 bits
+    2.0
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ from torch import Tensor
 __all__ = [
     "LN2",
     "Reference",
-    "RowStats",
     "cross_entropy_bits",
     "divergences",
     "entropy_bits",
@@ -26,7 +32,6 @@ __all__ = [
     "kl_nats",
     "log_probs",
     "rank_of",
-    "row_stats",
     "total_variation",
 ]
 
@@ -100,27 +105,6 @@ def rank_of(
 
 
 @dataclass(frozen=True)
-class RowStats:
-    """Statistics of a batch of lens distributions ``q`` against the model's final ``p``.
-
-    Attributes:
-        top_ids: The ``k`` most likely tokens, most likely first.
-        top_probs: Their probabilities.
-        entropy: ``H(q)`` in bits.
-        kl: ``KL(p || q)`` in bits.
-        id_log_probs: ``log q`` (nats) of the requested tokens.
-        id_ranks: Zero-based ranks of the requested tokens.
-    """
-
-    top_ids: Int[Tensor, "n k"]
-    top_probs: Float[Tensor, "n k"]
-    entropy: Float[Tensor, " n"]
-    kl: Float[Tensor, " n"]
-    id_log_probs: Float[Tensor, "n t"]
-    id_ranks: Int[Tensor, "n t"]
-
-
-@dataclass(frozen=True)
 class Reference:
     """The model's final distribution ``p`` at some positions, prepared once for many lenses.
 
@@ -129,95 +113,22 @@ class Reference:
         neg_entropy: ``sum p log p`` in nats.
     """
 
-    probs: Float[Tensor, "n d_vocab"]
-    neg_entropy: Float[Tensor, " n"]
+    probs: Float[Tensor, "cell d_vocab"]
+    neg_entropy: Float[Tensor, " cell"]
 
     @classmethod
-    def from_logits(cls, logits: Float[Tensor, "n d_vocab"]) -> Reference:
+    def from_logits(cls, logits: Float[Tensor, "cell d_vocab"]) -> Reference:
         """Prepare ``p`` from the model's final logits."""
         lp = log_probs(logits)
         p = lp.exp()
         return cls(probs=p, neg_entropy=(p * lp).sum(-1))
 
 
-def row_stats(
-    logits: Float[Tensor, "n d_vocab"],
-    reference: Reference,
-    ids: Int[Tensor, "n t"],
-    *,
-    top_k: int,
-    rank_columns: int = 0,
-    chunk: int = 16,
-) -> RowStats:
-    """Top-k, entropy, KL to the final output and chosen-token log-probs, in few passes.
-
-    Uses ``H(q) = lse - E_q[z]`` and ``KL(p||q) = sum p log p + lse - E_p[z]`` for
-    logits ``z`` (shifted by their max) with log-sum-exp ``lse``, so no full
-    log-softmax is materialised. Rows are taken ``chunk`` at a time so that the
-    passes over each block stay in the CPU cache instead of streaming main memory.
-
-    Args:
-        logits: Lens logits, one row per position.
-        reference: The model's final distribution at the same positions.
-        ids: Token ids whose log-probability to report, per row.
-        top_k: How many top tokens to keep.
-        rank_columns: Rank only the last ``rank_columns`` columns of ``ids``
-            (ranking costs a pass over the vocabulary each); others get rank -1.
-        chunk: Rows per block (16 rows of a 49k vocabulary are 3 MB).
-
-    Returns:
-        The statistics.
-    """
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    parts = [
-        _block_stats(
-            logits[i : i + chunk],
-            reference.probs[i : i + chunk],
-            reference.neg_entropy[i : i + chunk],
-            ids[i : i + chunk],
-            top_k,
-            rank_columns,
-        )
-        for i in range(0, logits.shape[0], chunk)
-    ]
-    return RowStats(*(torch.cat(field) for field in zip(*parts, strict=True)))
-
-
-def _block_stats(
-    logits: Tensor, probs: Tensor, neg_entropy: Tensor, ids: Tensor, top_k: int, rank_columns: int
-) -> tuple[Tensor, ...]:
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    top = torch.topk(z, k=top_k, dim=-1)
-    shift = top.values[:, :1]
-    zs = z - shift  # <= 0; working relative to the max keeps the sums below well conditioned
-    e = zs.exp()
-    total = e.sum(-1)
-    log_total = total.log()
-    lse = shift.squeeze(-1) + log_total
-    # Elementwise product and sum, not einsum/bmm: on this BLAS those dot products
-    # lose ~1e-4 relative accuracy over a 49k vocabulary; summation keeps ~1e-7.
-    mean_q = e.mul_(zs).sum(-1) / total
-    mean_p = zs.mul_(probs).sum(-1)
-    chosen = z.gather(-1, ids)
-    ranks = torch.full_like(ids, -1)
-    for col in range(ids.shape[1] - rank_columns, ids.shape[1]):
-        ranks[:, col] = (z > chosen[:, col : col + 1]).sum(-1, dtype=torch.int32)
-    return (
-        top.indices,
-        (top.values - lse.unsqueeze(-1)).exp(),
-        (log_total - mean_q).clamp_min(0.0) / LN2,
-        (neg_entropy + log_total - mean_p).clamp_min(0.0) / LN2,
-        chosen - lse.unsqueeze(-1),
-        ranks,
-    )
-
-
-def kl_nats(reference: Reference, logits: Float[Tensor, "n d_vocab"]) -> Float[Tensor, " n"]:
+def kl_nats(reference: Reference, logits: Float[Tensor, "cell d_vocab"]) -> Float[Tensor, " cell"]:
     """``KL(p || q)`` in nats for lens logits ``z``: ``sum p log p + lse(z) - E_p[z]``.
 
     Differentiable in ``logits``; its gradient is ``softmax(z) - p``.
     """
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    mean_p = (reference.probs * z).sum(-1)  # not einsum: see lenskit.metrics.row_stats
+    mean_p = (reference.probs * z).sum(-1)  # not einsum: see lenskit.readout.logit_stats
     return reference.neg_entropy + torch.logsumexp(z, dim=-1) - mean_p

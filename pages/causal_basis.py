@@ -4,14 +4,15 @@ import streamlit as st
 
 import lenskit_app.state as S
 from lenskit import plotting
-from lenskit.causal.extraction import CausalBasisConfig
+from lenskit.causal.config import QUICK, CausalBasisConfig
 from lenskit.causal.influence import ABLATIONS
 from lenskit.errors import LenskitError
 from lenskit.lenses.basis import INDEX_FILE, read_index
+from lenskit_app import jobs, loaders, widgets
+from lenskit_app.downloads import export_buttons
 from lenskit_app.paths import describe_roots, folder_name, next_lens_dir, out_path
 
 # Defaults sized for smollm2-135m on two CPU cores (see the caption of the Extract section).
-K, TOKENS, EVAL_TOKENS, SEQ_LEN = 4, 512, 256, 128
 
 st.title("Causal basis")
 st.caption(
@@ -21,8 +22,8 @@ st.caption(
     "extract one for any layer below (or with `lenskit causal-basis`)."
 )
 name, device, dtype = S.model_key()
-model = S.guard(S.load_model, name, device, dtype)
-adapter = S.adapter(model)
+model = S.guard(loaders.load_model, name, device, dtype)
+adapter = loaders.adapter(model)
 chosen = S.lens_path(S.CAUSAL_KIND)
 
 # A run still marked running was cut short: Stop (or any other click) reruns the page,
@@ -45,7 +46,7 @@ elif record and record["model"] == name and record["status"] == "stopped":
 # --- inspect ------------------------------------------------------------------------------
 
 try:
-    lens = S.load_lens(S.CAUSAL_KIND, name, device, dtype, chosen)
+    lens = loaders.load_lens(S.CAUSAL_KIND, name, device, dtype, chosen)
 except LenskitError as err:  # no basis for this model yet, or a chosen folder that fails
     lens = None
     (st.error if chosen else st.info)(str(err))
@@ -60,10 +61,16 @@ if lens is not None:
         index=lens.layers.index(latest) if latest is not None else len(lens.layers) // 2,
     )
     top = c2.slider("Tokens per side", 3, 15, 8)
-    basis = S.guard(S.causal_basis, lens.source, layer)
-    st.plotly_chart(plotting.influence_plot(basis), width="stretch")
-    tokens = S.guard(S.direction_tokens, name, device, dtype, chosen, layer, top)
-    st.plotly_chart(plotting.direction_tokens_plot(tokens), width="stretch")
+    basis = S.guard(loaders.causal_basis, lens.source, layer)
+    influence = plotting.influence_plot(basis)
+    st.plotly_chart(influence, width="stretch", theme=None)
+    stem = f"lenskit-causal-basis-{folder_name(name)}-layer{layer}"
+    meta = {"model": name, "lens": f"{S.CAUSAL_KIND} ({lens.source})", "prompt": "(none)"}
+    export_buttons("influence", stem, influence, basis.to_frame(), {**meta, "layer": layer})
+    tokens = S.guard(loaders.direction_tokens, name, device, dtype, chosen, layer, top)
+    token_fig = plotting.direction_tokens_plot(tokens)
+    st.plotly_chart(token_fig, width="content", theme=None)
+    export_buttons("tokens", f"{stem}-tokens", token_fig, tokens, {**meta, "layer": layer})
     st.dataframe(basis.to_frame(), hide_index=True)
 
 # --- extract ------------------------------------------------------------------------------
@@ -78,7 +85,7 @@ with st.expander("Extract a basis", expanded=lens is None or bool(record)):
     )
     tuned_path = S.lens_path("tuned")
     try:
-        tuned = S.load_lens("tuned", name, device, dtype, tuned_path)
+        tuned = loaders.load_lens("tuned", name, device, dtype, tuned_path)
     except LenskitError as err:
         (st.error if tuned_path else st.info)(
             f"A causal basis is extracted for the tuned lens, and none loads: {err}. Train one "
@@ -94,20 +101,23 @@ with st.expander("Extract a basis", expanded=lens is None or bool(record)):
         adapter.n_layers // 2,
         help=f"A block input, 0..{adapter.n_layers - 1}.",
     )
-    k = c2.number_input("Directions (k)", 1, adapter.d_model, min(K, adapter.d_model))
+    k = c2.number_input("Directions (k)", 1, adapter.d_model, min(QUICK.k, adapter.d_model))
     ablation = c3.selectbox(
         "Ablation",
         ABLATIONS,
+        index=ABLATIONS.index(QUICK.ablation),
         help="What an ablated direction is set "
         "to: the mean residual, zero, or another token's residual.",
     )
     d1, d2, d3, d4 = st.columns(4)
-    seq_len = d1.number_input("Tokens per sequence", 2, adapter.n_ctx, min(SEQ_LEN, adapter.n_ctx))
+    seq_len = d1.number_input(
+        "Tokens per sequence", 2, adapter.n_ctx, min(QUICK.seq_len, adapter.n_ctx)
+    )
     tokens = d2.number_input(
         "Training tokens",
         2,
         1 << 24,
-        TOKENS,
+        QUICK.tokens,
         step=256,
         help="Whole sequences; the directions are optimised on these.",
     )
@@ -115,19 +125,19 @@ with st.expander("Extract a basis", expanded=lens is None or bool(record)):
         "Held-out tokens",
         2,
         1 << 24,
-        EVAL_TOKENS,
+        QUICK.eval_tokens,
         step=256,
         help="Whole sequences; the influences are reported on these.",
     )
-    seed = d4.number_input("Seed", 0, 1 << 31, 0)
+    seed = d4.number_input("Seed", 0, 1 << 31, QUICK.seed)
     e1, e2 = st.columns(2)
-    max_iter = e1.number_input("Most iterations per direction", 1, 1000, 50)
+    max_iter = e1.number_input("Most iterations per direction", 1, 1000, QUICK.max_iter)
     measure_model = e2.checkbox(
         "Measure the influence on the model",
-        value=True,
+        value=QUICK.model_influence,
         help="k forward passes of the model over the held-out tokens.",
     )
-    corpus = S.corpus_section("causal")
+    corpus = widgets.corpus_section("causal")
 
     out_key = f"causal_out_{folder_name(name)}"
     if out_key not in st.session_state:  # the chosen basis folder grows; else a fresh one
@@ -139,18 +149,19 @@ with st.expander("Extract a basis", expanded=lens is None or bool(record)):
         f"tuned lens, which gets the layer added (or replaced). Folders under "
         f"lenses/{folder_name(name)}/ there are listed in the Home page's lens picker.",
     )
-    out = S.guard(out_path, out_text)
-    if (out / INDEX_FILE).is_file():
+    out = widgets.checked_path(out_path, out_text, "causal_out")
+    if out is not None and (out / INDEX_FILE).is_file():
         index = S.report(read_index, out)
         if index is not None:
-            have = sorted(int(x) for x in index["layers"])
+            have = sorted(index.layers)
             again = " (it is there already and will be replaced)" if layer in have else ""
             st.caption(
                 f"{out} holds layers {', '.join(map(str, have))} of "
-                f"{index.get('model')}; layer {layer} is added{again}."
+                f"{index.model}; layer {layer} is added{again}."
             )
 
-    if not st.button("Extract", type="primary"):
+    blocked = out is None or widgets.form_blocked("causal")
+    if not st.button("Extract", type="primary", disabled=blocked):
         st.stop()
     config = S.guard(
         CausalBasisConfig,
@@ -193,11 +204,11 @@ with st.expander("Extract a basis", expanded=lens is None or bool(record)):
         cells[1].metric(
             "Lens influence (bits)", "—" if p.objective_bits is None else f"{p.objective_bits:.4f}"
         )
-        cells[2].metric("ETA (directions)", S.eta_text(p.eta_seconds))
-        cells[3].metric("Elapsed", S.eta_text(p.seconds))
+        cells[2].metric("ETA (directions)", jobs.eta_text(p.eta_seconds))
+        cells[3].metric("Elapsed", jobs.eta_text(p.seconds))
 
     result = S.report(
-        S.extract_basis, model, tuned, int(layer), config, corpus, out, on_progress=show
+        jobs.extract_basis, model, tuned, int(layer), config, corpus, out, on_progress=show
     )
     if result is None:
         record["status"] = "failed"

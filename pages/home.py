@@ -3,6 +3,7 @@
 import streamlit as st
 
 import lenskit_app.state as S
+from lenskit_app import loaders, widgets
 
 S.init_state()
 
@@ -12,7 +13,7 @@ st.caption(
     "other lenses read every layer's residual stream through the model's own unembedding."
 )
 
-models = S.known_models()
+models = widgets.known_models()
 current = st.session_state[S.MODEL]
 choice = st.selectbox(
     "Model",
@@ -23,18 +24,14 @@ choice = st.selectbox(
 if choice in models:
     st.session_state[S.MODEL] = choice
 else:
-    other = st.text_input(
-        "Model folder or Hugging Face id", value="" if current in models else current
-    )
-    if other.strip():
-        st.session_state[S.MODEL] = other.strip()
+    widgets.model_box(models)  # every edit is kept (the box is bound to a session key)
 
-S.prompt_box(height=100)
+widgets.prompt_box(height=100)
 
 name, device, dtype = S.model_key()
-model = S.guard(S.load_model, name, device, dtype)
-n_tokens = S.report(S.count_tokens, model, st.session_state[S.PROMPT])
-adapter = S.adapter(model)
+model = S.guard(loaders.load_model, name, device, dtype)
+n_tokens = S.report(widgets.count_tokens, model, st.session_state[S.PROMPT])
+adapter = loaders.adapter(model)
 st.markdown(
     f"**{name}** · {adapter.architecture} · {adapter.n_layers} layers · d_model "
     f"{adapter.d_model} · vocabulary {adapter.d_vocab:,}"
@@ -43,8 +40,8 @@ st.markdown(
 
 st.subheader("Lenses")
 with st.expander("Lens files", expanded=any(st.session_state[S.LENS_PATHS].values())):
-    S.lens_files_section(name)
-status = S.lens_status(name, device, dtype)
+    widgets.lens_files_section(name)
+status = loaders.lens_status(name, device, dtype)
 for kind, state in status.items():
     if state == "ready":
         st.markdown(f"✅ **{kind}** — ready")

@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 import lenskit_app.state as S
 from lenskit.training import CHECKPOINT_FILE
+from lenskit_app import jobs
 from lenskit_app.paths import DIRS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +55,11 @@ def test_trajectory_page_draws_a_heatmap_and_the_numbers_on_request():
     assert len(frame) == int(n_rows.split(",")[0]) * int(n_rows.split(",")[1])
 
 
-def test_pages_read_only_the_shown_cells_and_follow_the_sliders(tmp_path, tiny_llama):
+def test_pages_read_only_the_shown_cells_and_follow_the_sliders(workdir, tiny_llama):
     from lenskit.lenses.tuned import TunedLens
 
-    TunedLens.untrained(tiny_llama).save(tmp_path / "lens")
-    paths = {S.LENS_PATHS: {"tuned": str(tmp_path / "lens")}}
+    TunedLens.untrained(tiny_llama).save(workdir / "lens")
+    paths = {S.LENS_PATHS: {"tuned": str(workdir / "lens")}}
     prompt = "Hello there, friend, how are you today?"
     for page, kinds in (("pages/trajectory.py", 1), ("pages/compare.py", 2)):
         at = _run(page, prompt=prompt, **paths)
@@ -68,7 +69,7 @@ def test_pages_read_only_the_shown_cells_and_follow_the_sliders(tmp_path, tiny_l
         assert not at.exception and not at.error, (page, at.exception, at.error)
         spec = json.loads(at.get("plotly_chart")[0].proto.spec)
         heatmaps = [t for t in spec["data"] if t["type"] == "heatmap"]
-        assert len(heatmaps) >= kinds
+        assert len(heatmaps) == kinds
         for trace in heatmaps:
             z = trace["z"]
             values = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"])
@@ -92,7 +93,24 @@ def test_unknown_model_offline_is_an_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     at = _run("app.py", model="nobody/none-such-xyz")
     assert not at.exception
-    assert any("not in the local Hugging Face cache" in e.value for e in at.error)
+    assert any("local Hugging Face cache" in e.value for e in at.error)
+
+
+HOME = ROOT / "pages" / "home.py"
+
+
+def test_home_model_box_keeps_every_edit(monkeypatch, home=HOME):
+    """Two edits in a row of the model box: the second is kept as the first was."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    at = AppTest.from_file(str(home), default_timeout=300).run()
+    at.selectbox[0].set_value("Other (local folder or Hugging Face id)…").run()
+    for typed in ("no-such-org/x", "/etc", "no-such-org/y"):
+        at.text_input[0].set_value(typed).run()
+        assert not at.exception, at.exception
+        assert at.session_state[S.MODEL] == typed
+        assert at.text_input[0].value == typed
+        errors = [e.value for e in at.error]
+        assert len(errors) == 1 and typed in errors[0], errors
 
 
 @pytest.mark.slow
@@ -103,17 +121,49 @@ def test_pages_run_on_the_default_model(page):
     assert not at.error, [e.value for e in at.error]
 
 
-def test_compare_page_with_a_saved_tuned_lens(tmp_path, tiny_llama):
+def _spec(chart):
+    return json.loads(chart.proto.spec)
+
+
+def test_compare_page_stacks_the_lenses_and_reads_one_position_in_depth(workdir, tiny_llama):
     from lenskit.lenses.tuned import TunedLens
 
-    TunedLens.untrained(tiny_llama).save(tmp_path / "lens")
-    at = _run("pages/compare.py", **{S.LENS_PATHS: {"tuned": str(tmp_path / "lens")}})
-    assert not at.exception, at.exception
-    assert not at.error, [e.value for e in at.error]
-    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    assert len(specs) == 2  # the side-by-side heatmaps and the divergence map
-    assert [t["type"] for t in specs[0]["data"]] == ["heatmap", "heatmap"]
-    assert [t["type"] for t in specs[1]["data"]] == ["heatmap"]
+    TunedLens.untrained(tiny_llama).save(workdir / "lens")
+    at = _run(
+        "pages/compare.py",
+        prompt="Hello there, friend, how are you?",
+        **{S.LENS_PATHS: {"tuned": str(workdir / "lens")}},
+    )
+    assert _errors(at) == []
+    stacked, position, prob, rank, divergence = (_spec(c) for c in at.get("plotly_chart"))
+    heatmaps = [t for t in stacked["data"] if t["type"] == "heatmap"]
+    assert [t["yaxis"] for t in heatmaps] == ["y", "y2"]  # stacked panels, one x axis
+    assert {t["xaxis"] for t in stacked["data"]} == {"x"}
+    assert stacked["layout"]["hoversubplots"] == "axis"  # one hover shows every lens
+    assert [t["type"] for t in stacked["data"][2:]] == ["scatter", "scatter"]  # clickable
+    # The per-position view: every lens's top-k at the last position, every layer.
+    n_tokens = int(at.slider[1].max)
+    picker = next(s for s in at.selectbox if s.label == "Position")
+    assert picker.value == n_tokens - 1
+    assert [t["name"] for t in position["data"]] == ["logit", "tuned"]
+    assert f"position {n_tokens - 1}" in position["layout"]["title"]["text"]
+    assert {t["name"] for t in prob["data"]} == {"logit", "tuned"}
+    assert "rank" in rank["layout"]["yaxis"]["title"]["text"]
+    assert [t["type"] for t in divergence["data"]] == ["heatmap"]
+    picker.set_value(3).run()
+    assert _errors(at) == []
+    assert "position 3 " in _spec(at.get("plotly_chart")[1])["layout"]["title"]["text"]
+    shapes = _spec(at.get("plotly_chart")[0])["layout"]["shapes"]
+    assert [(s["x0"], s["yref"]) for s in shapes] == [(2.5, "y"), (2.5, "y2")]  # outlined
+    labels = [b.label for b in at.get("download_button")]
+    assert labels.count("HTML") == 3 and labels.count("Parquet") == 3 and "CSV" in labels
+
+
+def test_trajectory_page_offers_every_download():
+    at = _run("pages/trajectory.py", prompt="Hello there")
+    assert _errors(at) == []
+    labels = [b.label for b in at.get("download_button")]
+    assert {"HTML", "CSV", "CSV metadata", "Parquet"} <= set(labels)
 
 
 # --- Train, Evaluate and the lens picker, in a folder the app is allowed to use ------------
@@ -190,7 +240,7 @@ def test_train_page_trains_a_lens_that_every_page_then_uses(workdir):
 
 
 def test_stop_keeps_a_checkpoint_and_resume_finishes_the_run(workdir, monkeypatch):
-    real = S.train_lens
+    real = jobs.train_lens
 
     def stopped_after_one_step(model, config, out, *, resume, on_progress):
         def report(progress):
@@ -200,7 +250,7 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes_the_run(workdir, monkeypatc
 
         return real(model, config, out, resume=resume, on_progress=report)
 
-    monkeypatch.setattr(S, "train_lens", stopped_after_one_step)
+    monkeypatch.setattr(jobs, "train_lens", stopped_after_one_step)
     at = _train_page(workdir / "corpus")
     out = Path(at.text_input(key="train_out_tiny-llama").value)
     _button(at, "Start").click().run()
@@ -225,11 +275,19 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes_the_run(workdir, monkeypatc
         ("/etc", "outside"),
     ],
 )
-def test_a_bad_corpus_path_is_an_error(workdir, path, message):
-    at = _corpus(_page("pages/train.py"), "train", workdir / path)
-    errors = _errors(at)
-    assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0]
-    assert not [b for b in at.button if b.label == "Start"]  # the page stops there
+def test_a_bad_corpus_path_is_an_error_beside_the_whole_form(workdir, path, message):
+    for page, key, action in (
+        ("pages/train.py", "train", "Start"),
+        ("pages/evaluate.py", "eval", "Run"),
+    ):
+        at = _corpus(_page(page), key, workdir / path)
+        errors = _errors(at)
+        assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0]
+        boxes = [b.label for b in at.number_input]  # the rest of the form stays in view
+        assert ("Fine-tuning tokens" if key == "train" else "Tokens") in boxes
+        assert _button(at, action).disabled  # and nothing runs on the bad path
+        at.text_input(key=f"{key}_corpus_path").set_value(str(workdir / "corpus")).run()
+        assert _errors(at) == [] and not _button(at, action).disabled
 
 
 def test_an_unreadable_corpus_is_an_error_when_training_starts(workdir):
@@ -247,6 +305,8 @@ def test_an_output_folder_outside_is_refused(workdir):
     errors = _errors(at)
     assert len(errors) == 1 and "outside the folders the app may use" in errors[0]
     assert str(workdir) in errors[0] and DIRS_ENV in errors[0]
+    assert "Fine-tuning tokens" in [b.label for b in at.number_input]  # the form stays
+    assert _button(at, "Start").disabled
     assert not (workdir.parent / "elsewhere").exists()
 
 

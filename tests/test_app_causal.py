@@ -9,10 +9,12 @@ from helpers import write_corpus
 from streamlit.testing.v1 import AppTest
 
 import lenskit_app.state as S
-from lenskit.causal.extraction import CausalBasisConfig, extract_causal_basis
+from lenskit.causal.config import CausalBasisConfig
+from lenskit.causal.extraction import extract_causal_basis
 from lenskit.lenses import get_lens
 from lenskit.lenses.basis import INDEX_FILE, layer_file, read_index
 from lenskit.lenses.tuned import TunedLens
+from lenskit_app import jobs
 from lenskit_app.paths import DIRS_ENV, saved_lenses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,12 +78,12 @@ def _extract_into_folder(model, workdir, out, layer=1):
 
 def test_extract_a_layer_then_another_into_the_same_folder(workdir, monkeypatch):
     reports = []
-    real = S.extract_basis
+    real = jobs.extract_basis
 
     def recorded(*args, on_progress, **kwargs):
         return real(*args, on_progress=lambda p: (reports.append(p), on_progress(p)), **kwargs)
 
-    monkeypatch.setattr(S, "extract_basis", recorded)
+    monkeypatch.setattr(jobs, "extract_basis", recorded)
     at = _page(PAGE, workdir)
     assert _errors(at) == [] and any("no causal basis is shipped" in i.value for i in at.info)
     out = workdir / "lenses" / "tiny-llama" / "causal-basis-1"
@@ -89,7 +91,7 @@ def test_extract_a_layer_then_another_into_the_same_folder(workdir, monkeypatch)
     _button(_settings(at, workdir, 2), "Extract").click().run()
     assert _errors(at) == []
     assert "Extracted layer 2" in at.success[0].value
-    assert (out / layer_file(2)).is_file() and list(read_index(out)["layers"]) == ["2"]
+    assert (out / layer_file(2)).is_file() and list(read_index(out).layers) == [2]
     assert at.session_state[S.LENS_PATHS][S.CAUSAL_KIND] == str(out)
     phases = [p.phase for p in reports]
     assert phases[0] == "capture" and phases[-2:] == ["measure", "done"]
@@ -103,13 +105,13 @@ def test_extract_a_layer_then_another_into_the_same_folder(workdir, monkeypatch)
     next(b for b in at.number_input if b.label == "Layer to extract").set_value(0)
     _button(at.run(), "Extract").click().run()
     assert _errors(at) == []
-    assert sorted(read_index(out)["layers"]) == ["0", "2"]
+    assert sorted(read_index(out).layers) == [0, 2]
     picker = next(s for s in at.selectbox if s.label == "Layer")
     assert picker.options == ["0", "2"] and picker.value == 0
 
 
 def test_stop_keeps_the_folder_as_it_was(workdir, monkeypatch):
-    real = S.extract_basis
+    real = jobs.extract_basis
 
     def stopped(*args, on_progress, **kwargs):
         def report(p):
@@ -119,7 +121,7 @@ def test_stop_keeps_the_folder_as_it_was(workdir, monkeypatch):
 
         return real(*args, on_progress=report, **kwargs)
 
-    monkeypatch.setattr(S, "extract_basis", stopped)
+    monkeypatch.setattr(jobs, "extract_basis", stopped)
     at = _settings(_page(PAGE, workdir), workdir, 1)
     out = Path(at.text_input(key=OUT_KEY).value)
     _button(at, "Extract").click().run()
@@ -136,7 +138,7 @@ def test_an_output_folder_outside_is_refused(workdir):
     errors = _errors(at)
     assert len(errors) == 1 and "outside the folders the app may use" in errors[0]
     assert "\n" not in errors[0] and DIRS_ENV in errors[0]
-    assert not [b for b in at.button if b.label == "Extract"]
+    assert _button(at, "Extract").disabled  # the form stays in view; nothing runs
     assert not (workdir.parent / "elsewhere").exists()
 
 
@@ -217,3 +219,23 @@ def test_home_picker_refuses_a_bad_basis_folder_in_one_line(workdir, where, mess
     if where == "not-a-basis":  # the Causal basis page says it as well, as an error
         at.switch_page(PAGE).run()
         assert any(message in e for e in _errors(at))
+
+
+def test_page_and_cli_defaults_come_from_the_config(workdir):
+    from lenskit.causal.config import QUICK
+    from lenskit.cli import build_parser
+
+    at = _page(PAGE, workdir)
+    boxes = {b.label: b.value for b in at.number_input}
+    assert boxes["Directions (k)"] == QUICK.k
+    assert boxes["Tokens per sequence"] == QUICK.seq_len
+    assert boxes["Training tokens"] == QUICK.tokens
+    assert boxes["Held-out tokens"] == QUICK.eval_tokens
+    assert boxes["Seed"] == QUICK.seed
+    assert boxes["Most iterations per direction"] == QUICK.max_iter
+    assert next(s for s in at.selectbox if s.label == "Ablation").value == QUICK.ablation
+    measure = next(c for c in at.checkbox if c.label.startswith("Measure the influence"))
+    assert measure.value == QUICK.model_influence
+    args = build_parser().parse_args(["causal-basis", "--layer", "1", "--out", "x"])
+    for name, value in CausalBasisConfig().to_dict().items():
+        assert getattr(args, name) == value, name

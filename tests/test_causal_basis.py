@@ -13,7 +13,8 @@ from helpers import randomised
 
 import lenskit
 from lenskit import cli, plotting
-from lenskit.causal.extraction import CausalBasisConfig, extract_causal_basis
+from lenskit.causal.config import CausalBasisConfig
+from lenskit.causal.extraction import extract_causal_basis
 from lenskit.causal.influence import (
     ABLATIONS,
     LensObjective,

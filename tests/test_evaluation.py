@@ -175,14 +175,13 @@ def test_jacobian_lens_uncovered_layers_are_nan_with_a_note(tiny_llama, chunks):
     assert result.to_dict()["lenses"]["logit"]["objective"] == "none"
     # the figure leaves L0 out of the J-lens line and says so; it never borrows the logit's
     fig = plotting.metric_lines(frame, metric="kl_bits")
-    lines = {t.name: t for t in fig.data if t.fill != "toself"}
-    assert list(lines) == ["logit", "jlens", "model"]
-    assert lines["jlens"].y[0] is None and lines["jlens"].y[1] == pytest.approx(jl.kl_bits[1])
+    lines = {t.name: t for t in fig.data if t.fill != "toself" and t.showlegend is not False}
+    assert list(lines) == ["logit", "jlens (not read: L0)", "model"]  # coverage named once
+    jline = lines["jlens (not read: L0)"]
+    assert jline.y[0] is None and jline.y[1] == pytest.approx(jl.kl_bits[1])
     assert lines["logit"].y[0] == pytest.approx(logit.kl_bits[0])
     band = next(t for t in fig.data if t.fill == "toself" and t.legendgroup == "jlens")
     assert 0 not in band.x
-    notes = [a.text for a in fig.layout.annotations if a.x == 0]
-    assert notes == ["not covered by jlens"] and len(fig.layout.shapes) == 1
     summary = eval_cmd.format_summary(result)
     assert summary.splitlines()[1].split()[-1] == "—" and "fitted for:" in summary
     assert "jlens average_jacobian" in summary
@@ -322,7 +321,7 @@ def test_bad_input_is_one_line_lenskit_error(tiny_llama, tiny_gpt2, chunks, tmp_
 @pytest.fixture
 def cli_env(tiny_llama, tmp_path, monkeypatch):
     """A data file, a tuned lens folder, and the session's tiny model for every load."""
-    monkeypatch.setattr(eval_cmd, "load_model", lambda name, device="cpu": tiny_llama)
+    monkeypatch.setattr("lenskit.models.load_model", lambda name, device="cpu": tiny_llama)
     data = tmp_path / "data.txt"
     data.write_text(TEXT * 20, encoding="utf-8")
     randomised(tiny_llama).save(tmp_path / "lens")

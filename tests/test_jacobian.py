@@ -441,11 +441,16 @@ def test_cli_fits_and_the_trajectory_reads_it(corpus_dir, tmp_path, capsys):
     assert "seq_len 8 must be in 18..128" in capsys.readouterr().err
 
 
-def test_compare_page_shows_logit_tuned_and_jacobian_by_default(tiny_llama, fitted, tmp_path):
+def test_compare_page_shows_logit_tuned_and_jacobian_by_default(
+    tiny_llama, fitted, tmp_path, monkeypatch
+):
     from streamlit.testing.v1 import AppTest
 
     import lenskit_app.state as S
     from lenskit.lenses.tuned import TunedLens
+    from lenskit_app.paths import DIRS_ENV
+
+    monkeypatch.setenv(DIRS_ENV, str(tmp_path))  # the app reads lenses only there
 
     TunedLens.untrained(tiny_llama).save(tmp_path / "tuned")
     fitted.save(tmp_path / "jlens.pt")
@@ -463,7 +468,8 @@ def test_compare_page_shows_logit_tuned_and_jacobian_by_default(tiny_llama, fitt
     assert at.multiselect[0].value == ["logit", "tuned", "jacobian"]
     assert at.multiselect[0].max_selections == 4
     heatmaps = json.loads(at.get("plotly_chart")[0].proto.spec)
-    assert [t["type"] for t in heatmaps["data"]] == ["heatmap"] * 3
+    kinds = [t["type"] for t in heatmaps["data"]]
+    assert kinds == ["heatmap"] * 3 + ["scatter"] * 3  # the panels, then their click markers
     z = heatmaps["data"][2]["z"]  # plotly's typed array: base64 of the values
     jlens = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(
         [int(n) for n in z["shape"].split(",")]

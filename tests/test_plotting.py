@@ -20,6 +20,7 @@ from lenskit.export import load_table, save_figure, save_table
 from lenskit.lenses.base import Lens
 from lenskit.models import ModelAdapter
 from lenskit.plotting import display_token
+from lenskit.plotting.style import grid_size
 from lenskit.trajectory import Trajectory
 
 PROMPT = "The cat sat\non the\tmat."
@@ -124,7 +125,8 @@ def test_heatmap_axes_are_tokens_and_layers(traj: Trajectory):
     assert isinstance(fig, go.Figure) and len(fig.data) == 1
     assert list(fig.layout.xaxis.tickvals) == list(range(len(traj.tokens)))
     ticks = list(fig.layout.xaxis.ticktext)
-    assert ticks == [display_token(t) for t in traj.tokens]
+    chars = grid_size(fig.data[0].z.shape[0], len(traj.tokens))["tick_chars"]
+    assert ticks == [display_token(t, chars) for t in traj.tokens]  # shortened to fit 11 px
     assert ticks[4] == "·" and ticks[12] == "↵" and ticks[19] == "→"  # " ", "\n", "\t"
     # L0 at the bottom (y = 0), the output row on top
     assert list(fig.layout.yaxis.ticktext) == ["L0", "L1", "L2", "L3", "output"]
@@ -217,11 +219,11 @@ def test_uncovered_rows_are_blank_and_labelled(rotated: Trajectory):
     assert np.isnan(z[SKIPPED]).all()  # drawn blank, never as a number
     assert np.isfinite(z[[0, 1, 3, 4]]).all()
     assert list(trace.text[SKIPPED]) == [""] * len(rotated.tokens)
-    assert fig.layout.yaxis.ticktext[SKIPPED] == "L2 (not covered)"
+    assert fig.layout.yaxis.ticktext[SKIPPED] == "L2"
     hover = hover_text(trace, SKIPPED, 4)
     assert "L2 (not covered)" in hover and not re.search(r"prob \d", hover)
-    notes = [a for a in fig.layout.annotations if "not covered" in a.text]
-    assert len(notes) == 1 and notes[0].y == SKIPPED
+    assert "not read: L2" in fig.layout.title.text  # said once, in the title
+    assert not [a for a in fig.layout.annotations if "not" in a.text]
     assert fig.layout.plot_bgcolor  # the blank cells show the grey background
 
 
@@ -275,21 +277,52 @@ def test_large_grid_stays_small_and_readable(traj: Trajectory):
 # --- comparisons ----------------------------------------------------------------------------
 
 
-def test_compare_shares_colour_axis_rows_and_columns(traj: Trajectory, rotated: Trajectory):
+def test_compare_stacks_panels_on_one_x_axis_and_one_colour_axis(traj, rotated):
     fig = plotting.compare_heatmaps([traj, rotated], statistic="kl_to_final")
     assert len(fig.data) == 2
     assert {t.coloraxis for t in fig.data} == {"coloraxis"}
     top = max(np.nanmax(expected(t, "kl_to_final")) for t in (traj, rotated))
     assert fig.layout.coloraxis.cmax == pytest.approx(top)
-    assert [a.text for a in fig.layout.annotations][:2] == ["logit", "rotated"]
-    assert fig.layout.xaxis2.matches == "x" and fig.layout.yaxis2.matches == "y"
+    # Stacked at full width: one x axis, a y axis each, the first lens on top.
+    assert [(t.xaxis, t.yaxis) for t in fig.data] == [("x", "y"), ("x", "y2")]
+    assert fig.layout.yaxis.domain[0] > fig.layout.yaxis2.domain[1]
+    assert fig.layout.hovermode == "x" and fig.layout.hoversubplots == "axis"
+    titles = [a.text for a in fig.layout.annotations if a.xref == "paper"]
+    assert titles[0] == "<b>logit</b> lens" and titles[1].startswith("<b>rotated</b> lens")
+    assert "not read: L2" in titles[1]  # the uncovered row, named once
     assert np.array_equal(fig.data[0].x, fig.data[1].x)
     assert np.array_equal(fig.data[0].y, fig.data[1].y)
     np.testing.assert_allclose(z_array(fig.data[1]), expected(rotated, "kl_to_final"))
     assert np.isnan(fig.data[1].z[SKIPPED]).all() and not np.isnan(fig.data[0].z).any()
     assert "rotated lens" in hover_text(fig.data[1], 0, 0)
-    notes = [a for a in fig.layout.annotations if "not covered" in a.text]
-    assert [(n.xref, n.yref) for n in notes] == [("x2", "y2")]
+    # The panel above the last gets the input tokens under it (the last: the axis ticks).
+    under = [a for a in fig.layout.annotations if a.xref == "x"]
+    assert [a.text for a in under] == list(fig.layout.xaxis.ticktext)
+
+
+def test_compare_cells_are_clickable_and_the_chosen_one_outlined(traj, rotated):
+    fig = plotting.compare_heatmaps([traj, rotated], clickable=True, selected=(5, 2))
+    markers = [t for t in fig.data if t.type == "scatter"]
+    assert [t.yaxis for t in markers] == ["y", "y2"] and markers[0].marker.opacity == 0
+    assert len(markers[0].x) == traj.n_layers * len(traj.tokens)
+    assert fig.layout.clickmode == "event+select"
+    outlines = [(s.x0, s.x1, s.y0, s.yref) for s in fig.layout.shapes]
+    assert outlines == [(4.5, 5.5, 1.5, "y"), (4.5, 5.5, 1.5, "y2")]
+
+
+@pytest.mark.parametrize("n_tokens", [11, 32])
+def test_compare_labels_stay_legible_with_four_lenses(traj, n_tokens):
+    """Four lenses of 32 tokens: every cell keeps an 11 px label of at least 4 characters."""
+    fig = plotting.compare_heatmaps([traj] * 4, token_range=(0, min(n_tokens, len(traj.tokens))))
+    size = grid_size(traj.n_layers, n_tokens, panels=4)
+    assert size["show_text"] and size["text_chars"] >= 4 and size["tick_step"] == 1
+    for trace in fig.data:
+        assert trace.texttemplate == "%{text}" and trace.textfont.size >= 11
+        assert (
+            max(len(t.replace("&lt;", "<").replace("&gt;", ">")) for t in trace.text.ravel())
+            <= size["text_chars"]
+        )
+    assert fig.layout.xaxis.tickfont.size >= 11 and fig.layout.yaxis4.tickfont.size >= 11
 
 
 def test_compare_refuses_mismatched_trajectories(model: Any, lenses, traj: Trajectory):
@@ -310,7 +343,7 @@ def test_divergence_heatmap(model: Any, lenses):
         got = z_array(fig.data[0])
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         np.testing.assert_allclose(got[1], want[1])
-        assert fig.layout.yaxis.ticktext[SKIPPED] == "L2 (not covered)"
+        assert "not read: L2" in fig.layout.title.text
     assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0, 1)
     text = hover_text(fig.data[0], 3, 0)
     assert f"top-1 logit: {display_token(div.top1_a[3][2])}" in text
@@ -351,7 +384,7 @@ def test_metric_lines_lines_and_bands():
     np.testing.assert_allclose(band.y[5:], lower[::-1])
     assert band.line.width == 0 and band.showlegend is False
     assert list(fig.layout.xaxis.ticktext) == ["L0", "L1", "L2", "L3", "output"]
-    assert fig.layout.yaxis.title.text == "KL (bits)"
+    assert fig.layout.yaxis.title.text == "KL to the model's output (bits)"  # a human name
 
 
 def test_metric_lines_mark_uncovered_layers_as_gaps():
@@ -359,15 +392,84 @@ def test_metric_lines_mark_uncovered_layers_as_gaps():
     frame["covered"] = ~((frame.lens == "tuned") & frame.layer.isin([0, 2]))
     frame.loc[~frame.covered, "kl_bits"] = 99.0  # a value that must never be drawn
     fig = plotting.metric_lines(frame, metric="kl_bits")
-    tuned = next(t for t in fig.data if t.fill is None and t.name == "tuned")
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    tuned = next(t for t in lines if t.legendgroup == "tuned")
     assert list(tuned.y) == [None, 2.0, None, 1.0, 0.5] and tuned.connectgaps is False
+    assert tuned.name == "tuned (not read: L0, L2)"  # named once, in the legend
     band = next(t for t in fig.data if t.fill == "toself" and t.legendgroup == "tuned")
     assert list(band.x) == [1, 1, None, 3, 4, 4, 3]  # one outline per covered run
-    logit = next(t for t in fig.data if t.fill is None and t.name == "logit")
-    assert None not in list(logit.y)
-    marks = sorted((a.x, a.text) for a in fig.layout.annotations)
-    assert marks == [(0, "not covered by tuned"), (2, "not covered by tuned")]
-    assert sorted((s.x0, s.x1) for s in fig.layout.shapes) == [(-0.5, 0.5), (1.5, 2.5)]
+    joined = [t for t in fig.data if t.mode == "lines" and t.fill is None]
+    assert [(list(t.x), t.line.dash) for t in joined] == [([1, 3, 4], "dot")]
+    logit = next(t for t in lines if t.legendgroup == "logit")
+    assert None not in list(logit.y) and logit.name == "logit"
+    assert not fig.layout.annotations and not fig.layout.shapes  # no label per layer
+
+
+def test_metric_lines_clip_a_far_off_first_layer_and_label_log_ticks_in_full():
+    frame = metric_frame()
+    frame.loc[(frame.lens == "logit") & (frame.layer == 0), "kl_bits"] = 156.0
+    fig = plotting.metric_lines(frame)
+    assert fig.layout.yaxis.range[1] == pytest.approx(4 * 1.15)  # the next largest: 4 bits
+    (note,) = fig.layout.annotations
+    assert "logit" in note.text and "156" in note.text and "L0" in note.text
+    assert not plotting.metric_lines(frame, clip_first=False).layout.yaxis.range
+    log = plotting.metric_lines(metric_frame(), log_y=True)
+    ticks = dict(zip(log.layout.yaxis.tickvals, log.layout.yaxis.ticktext, strict=True))
+    assert ticks[0.5] == "0.5" and ticks[2] == "2" and ticks[5] == "5"
+    assert plotting.metric_name("top1_agree") == "top-1 agreement with the model"
+    assert plotting.metric_name("js_bits") == "JS (bits)"
+
+
+def test_training_lines_contrast_and_name_the_lenses():
+    frame = pd.DataFrame(
+        {"layer": range(4), "logit_kl_bits": [150.0, 3, 2, 1], "tuned_kl_bits": [2.0, 1, 0.5, 0.2]}
+    )
+    fig = plotting.training_lines(frame)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == ["tuned lens", "logit lens"]
+    assert len({t.line.color for t in lines}) == 2
+    assert list(lines[1].y) == [150.0, 3, 2, 1]
+    assert fig.layout.yaxis.range[1] == pytest.approx(3 * 1.15)  # L0's 150 bits written
+    assert "150" in fig.layout.annotations[0].text
+
+
+def test_position_topk_shows_each_lens_top_k_at_every_layer(traj, rotated):
+    fig = plotting.position_topk([traj, rotated], 3, k=4)
+    assert [t.name for t in fig.data] == ["logit", "rotated"]
+    assert [t.xaxis for t in fig.data] == ["x", "x2"] and {t.yaxis for t in fig.data} == {"y"}
+    z = z_array(fig.data[0])
+    np.testing.assert_allclose(z, traj.top_probs[:, 3, :4].double().numpy())
+    assert fig.data[0].text[1][0].startswith(display_token(traj.top_tokens[1][3][0], 40)[:3])
+    assert np.isnan(z_array(fig.data[1])[SKIPPED]).all()  # the rotated lens skips L2
+    assert list(fig.layout.yaxis.ticktext) == list(traj.layer_labels)
+    target = display_token(traj.target)
+    assert "position 3" in fig.layout.title.text and target in fig.layout.title.text
+    shown = [t.split("<br>")[-1] for t in fig.data[0].text.ravel() if t]
+    assert shown and all(len(p) <= 5 for p in shown)  # 0.435, 8e-24: fits a narrow cell
+    assert all("<br>" in a.text for a in fig.layout.annotations)  # titles on one baseline
+    bold = [t for t in fig.data[0].text.ravel() if t.startswith("<b>")]
+    hits = int((traj.top_ids[:, 3, :4] == traj.target_id).sum())
+    assert len(bold) == hits
+    with pytest.raises(LenskitError, match="outside the prompt"):
+        plotting.position_topk(traj, 999)
+    with pytest.raises(LenskitError, match="k must be"):
+        plotting.position_topk(traj, 0, k=0)
+
+
+def test_table_bytes_carry_provenance(traj):
+    import io
+
+    from lenskit.export import table_bytes
+
+    data, sidecar = table_bytes(traj, "csv")
+    meta = json.loads(sidecar)["lenskit"]
+    assert (meta["model"], meta["lens"], meta["prompt"]) == (traj.model_name, "logit", traj.prompt)
+    assert len(pd.read_csv(io.BytesIO(data))) == traj.n_layers * len(traj.tokens)
+    parquet, none = table_bytes(traj, "parquet", metadata={"position": 3})
+    import pyarrow.parquet as pq
+
+    stored = json.loads(pq.read_table(io.BytesIO(parquet)).schema.metadata[b"lenskit"])
+    assert none is None and stored["position"] == 3 and stored["model"] == traj.model_name
 
 
 def test_compare_marks_the_jacobian_lens_row_it_does_not_cover(model: Any, lenses, traj):
@@ -378,9 +480,9 @@ def test_compare_marks_the_jacobian_lens_row_it_does_not_cover(model: Any, lense
     logit_z, jlens_z = z_array(fig.data[0]), z_array(fig.data[1])
     assert np.isnan(jlens_z[0]).all() and not np.isnan(logit_z[0]).any()
     np.testing.assert_allclose(jlens_z[1:], logit_z[1:], atol=1e-5)  # J = I: the logit lens
-    notes = [a for a in fig.layout.annotations if "not covered" in a.text]
-    assert [(n.text, n.y, n.xref) for n in notes] == [("not covered by the jacobian lens", 0, "x2")]
-    assert fig.layout.yaxis.ticktext[0] == "L0"  # the logit lens covers it
+    titles = [a.text for a in fig.layout.annotations if a.xref == "paper"]
+    assert "not read" not in titles[0] and "not read: L0" in titles[1]
+    assert fig.layout.yaxis2.ticktext[0] == "L0"
 
 
 def test_metric_lines_explicit_bounds_and_errors():
@@ -404,9 +506,14 @@ def test_target_plot_per_position_and_per_lens(traj: Trajectory, rotated: Trajec
         assert f"pos {pos}" in trace.name
     assert list(fig.layout.xaxis.ticktext) == list(traj.layer_labels)
     ranks = plotting.target_plot([traj, rotated], value="rank")
-    assert [t.name for t in ranks.data] == ["logit", "rotated"]
-    assert list(ranks.data[0].y) == (traj.target_rank[:, -1] + 1).tolist()
-    assert ranks.data[1].y[SKIPPED] is None and ranks.data[1].y[0] is not None
+    lines = [t for t in ranks.data if t.mode == "lines+markers"]
+    label = traj.layer_labels[SKIPPED]
+    assert [t.name for t in lines] == ["logit", f"rotated (not read: {label})"]
+    assert lines[1].marker.size > lines[0].marker.size  # lone points stay visible
+    assert list(lines[0].y) == (traj.target_rank[:, -1] + 1).tolist()
+    assert lines[1].y[SKIPPED] is None and lines[1].y[0] is not None
+    joined = [t for t in ranks.data if t.mode == "lines"]  # a dotted guide across the gap
+    assert len(joined) == 1 and joined[0].line.dash == "dot" and SKIPPED not in joined[0].x
     assert ranks.layout.yaxis.type == "log" and 1 in ranks.layout.yaxis.tickvals
 
 

@@ -21,7 +21,7 @@ from lenskit.lenses.tuned import TunedLens
 from lenskit.models import ModelAdapter
 from lenskit.residual import capture, tokenize
 from lenskit.training import CHECKPOINT_FILE, TrainConfig, train_tuned_lens
-from lenskit.training import loop as training_loop
+from lenskit.training import phases as training_loop
 from lenskit.training.closed_form import fit_closed_form, normalized_target
 
 PROMPT = "The tuned lens reads every layer."

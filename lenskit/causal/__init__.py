@@ -6,8 +6,17 @@
 Saved bases (:class:`~lenskit.lenses.basis.CausalBasis`) live with the lens that reads them.
 """
 
-from lenskit.causal.extraction import CausalBasisConfig, extract_causal_basis
-from lenskit.causal.influence import direction_tokens, lens_influence, model_influence
+import importlib
+from typing import Any
+
+# Public names load on first use: `from lenskit.x import Config` stays light.
+_LAZY = {
+    "CausalBasisConfig": "lenskit.causal.config",
+    "direction_tokens": "lenskit.causal.influence",
+    "extract_causal_basis": "lenskit.causal.extraction",
+    "lens_influence": "lenskit.causal.influence",
+    "model_influence": "lenskit.causal.influence",
+}
 
 __all__ = [
     "CausalBasisConfig",
@@ -16,3 +25,16 @@ __all__ = [
     "lens_influence",
     "model_influence",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (keeps the command line's start light)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,15 +1,11 @@
 """Causal basis extraction: the k residual directions of a layer that matter most to a lens.
 
-Directions are found one after another (Belrose et al. 2023, causal basis extraction).
-Direction ``i`` maximises the lens influence of :class:`~lenskit.causal.influence.LensObjective`
-(mean KL between the lens's output and its output with the direction ablated, over training
-tokens) over unit vectors orthogonal to directions ``0..i-1``: ``v = P theta / |P theta|`` with
-``P`` the projector onto their orthogonal complement, optimised in ``theta`` by L-BFGS with a
-strong-Wolfe line search. Each search starts from the top right-singular direction, within
-that complement, of the lens-transformed unembedding: the centred unembedding composed with
-the lens's map to the final norm (translator and norm), linearised at the mean residual.
-A search stops once an iteration changes the objective by less than ``tol`` (relative), or
-after ``max_iter`` iterations.
+Directions are found one after another (Belrose et al. 2023, causal basis extraction), each
+maximising the lens influence of :class:`~lenskit.causal.influence.LensObjective` (mean KL
+between the lens's output and its output with the direction ablated, over training tokens)
+over unit vectors orthogonal to the ones before; :mod:`lenskit.causal.search` runs the
+search. A search stops once an iteration changes the objective by less than ``tol``
+(relative), or after ``max_iter`` iterations.
 
 The directions are then measured on held-out tokens, on the lens and (optionally) on the
 model, and sorted by their held-out lens influence, decreasing; the greedy order can differ
@@ -17,29 +13,40 @@ model, and sorted by their held-out lens influence, decreasing; the greedy order
 parts (``split_documents(corpus, held_out, seed=seed)``, the split ``lenskit train`` uses),
 each cut into chunks; the first position of each chunk is left out (neither used, ablated
 nor scored), as its residual acts as an attention sink with a norm far above the others'.
+
+Example:
+    >>> import lenskit
+    >>> from lenskit.causal import CausalBasisConfig, extract_causal_basis
+    >>> from lenskit.data import Corpus
+    >>> model = lenskit.load_model("tiny-llama")
+    >>> lens = lenskit.get_lens("logit", model)
+    >>> text = Corpus("demo", tuple(f"document {i} " + "a b c d e f g " * 30 for i in range(8)))
+    >>> cfg = CausalBasisConfig(k=2, tokens=64, eval_tokens=32, seq_len=32, max_iter=3)
+    >>> bases = extract_causal_basis(model, lens, 1, cfg, text, progress=False)
+    >>> bases[1].basis.shape
+    torch.Size([2, 64])
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
+from lenskit.causal.config import CausalBasisConfig
 from lenskit.causal.influence import (
-    ABLATIONS,
     LensObjective,
     ablation_reference,
     lens_influence,
     model_influence,
 )
-from lenskit.data import Corpus, load_corpus, split_documents
+from lenskit.causal.search import Directions, lens_gram, search_directions, unembedding_gram
+from lenskit.data import Corpus, TokenChunks, load_corpus, split_documents
 from lenskit.errors import LenskitError
 from lenskit.evaluation.chunks import eval_chunks
 from lenskit.lenses.base import Lens
@@ -48,86 +55,7 @@ from lenskit.metrics import Reference
 from lenskit.progress import BasisProgress, BasisProgressCallback
 from lenskit.residual import capture
 
-__all__ = [
-    "CausalBasisConfig",
-    "extract_causal_basis",
-    "find_direction",
-    "lens_record",
-    "unembedding_gram",
-]
-
-
-@dataclass(frozen=True)
-class CausalBasisConfig:
-    """Settings of a causal basis extraction.
-
-    Attributes:
-        k: Directions per layer.
-        ablation: ``mean``, ``zero`` or ``resample`` (see :mod:`lenskit.causal.influence`).
-        tokens: Training tokens (whole chunks) the directions are optimised on.
-        eval_tokens: Held-out tokens the influences are reported on.
-        seq_len: Tokens per chunk.
-        held_out: Fraction of documents held out.
-        seed: Seed of the split, the document order and resample ablation.
-        max_iter: Most L-BFGS iterations per direction.
-        tol: Convergence: relative change of the objective over one iteration.
-        skip_first: Leading positions of each chunk left out.
-        model_influence: Also measure each direction's influence on the model.
-        batch_size: Chunks per forward pass of the model.
-    """
-
-    k: int = 8
-    ablation: str = "mean"
-    tokens: int = 2048
-    eval_tokens: int = 1024
-    seq_len: int = 256
-    held_out: float = 0.1
-    seed: int = 0
-    max_iter: int = 50
-    tol: float = 1e-4
-    skip_first: int = 1
-    model_influence: bool = True
-    batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        positive = ("k", "tokens", "eval_tokens", "seq_len", "max_iter", "batch_size")
-        for name in (*positive, "seed", "skip_first"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise LenskitError(f"{name} must be an integer, got {value!r}")
-            if value < (1 if name in positive else 0):
-                raise LenskitError(
-                    f"{name} must be >= {1 if name in positive else 0}, got "
-                    f"{value}: pass a larger {name}"
-                )
-        if self.ablation not in ABLATIONS:
-            raise LenskitError(
-                f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}"
-            )
-        if not 0 < self.held_out < 1:
-            raise LenskitError(
-                f"held_out must be between 0 and 1, got {self.held_out}: pass e.g. 0.1"
-            )
-        if not 0 < self.tol < 1:
-            raise LenskitError(f"tol must be between 0 and 1, got {self.tol}: pass e.g. 1e-4")
-        if self.skip_first >= self.seq_len:
-            raise LenskitError(
-                f"skip_first={self.skip_first} leaves nothing of chunks of "
-                f"{self.seq_len} tokens: lower it"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON data."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CausalBasisConfig:
-        """Settings from :meth:`to_dict` (unknown keys are refused)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise LenskitError(f"unknown causal basis settings {', '.join(unknown)}: drop them")
-        return cls(**data)
+__all__ = ["CausalBasisConfig", "extract_causal_basis", "lens_record"]
 
 
 def lens_record(lens: Lens) -> dict[str, Any]:
@@ -141,85 +69,6 @@ def lens_record(lens: Lens) -> dict[str, Any]:
     assets = (Path(str(resources.files("lenskit"))) / "assets").resolve()
     shipped = assets in path.parents
     return {"kind": lens.kind, "path": None if shipped else str(path), "shipped": shipped}
-
-
-def unembedding_gram(lens: Lens) -> Float[Tensor, "d_model d_model"]:
-    """``W W^T`` of the unembedding ``W`` centred over the vocabulary (float64)."""
-    w_u = lens.adapter.W_U.detach().double()
-    centred = w_u - w_u.mean(1, keepdim=True)
-    return centred @ centred.T
-
-
-def _lens_gram(lens: Lens, layer: int, at: Tensor, gram: Tensor) -> Tensor:
-    """``E^T E`` for the lens-transformed unembedding ``E = W^T J`` (J: Jacobian at ``at``)."""
-
-    def to_norm(h: Tensor) -> Tensor:
-        return lens.adapter.final_norm(lens.transform_hidden(h.unsqueeze(0), layer))[0]
-
-    jac = torch.autograd.functional.jacobian(to_norm, at.detach()).double()
-    return jac.T @ gram @ jac
-
-
-def find_direction(
-    objective: Callable[[Tensor], Tensor],
-    previous: Float[Tensor, "i d_model"],
-    start: Float[Tensor, " d_model"],
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    on_step: Callable[[int, float], None] | None = None,
-) -> tuple[Float[Tensor, " d_model"], float, int, bool]:
-    """Maximise ``objective`` over unit vectors orthogonal to the rows of ``previous``.
-
-    Args:
-        objective: A differentiable function of a unit vector.
-        previous: Orthonormal rows the result must be orthogonal to.
-        start: Starting point (projected and normalised first).
-        max_iter: Most L-BFGS iterations.
-        tol: Stop once an iteration changes the objective by less than ``tol`` (relative).
-        on_step: Called with (iteration, objective) after each iteration.
-
-    Returns:
-        ``(v, objective(v), iterations, converged)``.
-    """
-    prev = previous.detach().double()
-
-    def unit(theta: Tensor) -> Tensor:
-        x = theta.double()
-        x = x - (x @ prev.T) @ prev if prev.shape[0] else x
-        return (x / x.norm()).to(theta.dtype)
-
-    theta = unit(start.detach().float()).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [theta],
-        lr=1.0,
-        max_iter=1,
-        max_eval=25,
-        history_size=10,
-        tolerance_grad=1e-12,
-        tolerance_change=0.0,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        loss = -objective(unit(theta))
-        # autograd.grad, not backward: no gradient reaches the lens's or model's parameters
-        (theta.grad,) = torch.autograd.grad(loss, theta)
-        return loss.detach()
-
-    last, converged, iterations = None, False, 0
-    for iterations in range(1, max_iter + 1):
-        value = -float(opt.step(closure).detach())  # where this iteration started
-        if on_step is not None:
-            on_step(iterations, value)
-        if last is not None and abs(value - last) <= tol * max(abs(value), 1e-12):
-            converged = True
-            break
-        last = value
-    v = unit(theta.detach())
-    with torch.no_grad():
-        final = float(objective(v))
-    return v, final, iterations, converged
 
 
 def _residuals(
@@ -276,13 +125,174 @@ def _check_inputs(
         )
     if out is not None and (Path(out).expanduser() / "basis.json").is_file():
         index = read_index(out)
-        if index.get("model") != adapter.name or index.get("lens") != lens_record(lens):
+        if index.model != adapter.name or index.lens.to_dict() != lens_record(lens):
             raise LenskitError(
-                f"{out} holds causal bases of {index.get('model')} with lens "
-                f"{index.get('lens')}: give another folder (a basis folder "
+                f"{out} holds causal bases of {index.model} with lens "
+                f"{index.lens.to_dict()}: give another folder (a basis folder "
                 "never mixes models or lenses)"
             )
     return layers
+
+
+@dataclass
+class _Run:
+    """What every layer of one extraction shares: data, settings, residuals, progress."""
+
+    model: Any
+    lens: Lens
+    layers: list[int]
+    cfg: CausalBasisConfig
+    held_tokens: Tensor
+    train_h: Tensor
+    held_h: Tensor
+    held_clean: list[Reference]
+    common: dict[str, Any]
+    capture_seconds: float
+    begun: float
+    on_progress: BasisProgressCallback | None
+    progress: bool
+    search_seconds: float = 0.0
+
+    def report(
+        self,
+        phase: str,
+        li: int = 0,
+        direction: int = 0,
+        iteration: int = 0,
+        value: float | None = None,
+    ) -> None:
+        """Hand a :class:`~lenskit.progress.BasisProgress` to the callback, if any."""
+        if self.on_progress is None:
+            return
+        layer = self.layers[li] if phase != "capture" else None
+        self.on_progress(
+            BasisProgress(
+                phase,
+                layer,
+                li,
+                len(self.layers),
+                direction,
+                self.cfg.k,
+                iteration,
+                self.cfg.max_iter,
+                value,
+                time.perf_counter() - self.begun,
+                self.search_seconds,
+            )
+        )
+
+
+def _search(run: _Run, li: int) -> tuple[Directions, Tensor, dict[str, Any]]:
+    """Find the directions of ``run.layers[li]`` on the training residuals."""
+    from tqdm.auto import tqdm
+
+    cfg, lens, layer = run.cfg, run.lens, run.layers[li]
+    h = run.train_h[li][:, cfg.skip_first :].flatten(0, 1)
+    mean = h.double().mean(0).float()
+    objective = LensObjective(
+        lens, layer, h, ablation_reference(h, cfg.ablation, mean, seed=cfg.seed)
+    )
+    gram = lens_gram(lens, layer, mean, unembedding_gram(lens))
+    bar = tqdm(
+        total=cfg.k,
+        desc=f"layer {layer} directions",
+        unit="dir",
+        disable=not run.progress,
+        dynamic_ncols=True,
+    )
+
+    def step(i: int, it: int, value: float) -> None:
+        bar.n = i
+        bar.set_postfix_str(f"dir {i + 1} it {it} {value:.4f} bits")
+        run.report("search", li, i, it, value)
+
+    with bar:
+        found = search_directions(
+            objective, gram, cfg.k, max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed, on_step=step
+        )
+        bar.update(cfg.k - bar.n)
+    run.search_seconds += found.seconds
+    stats = {
+        "objective_path": objective.mode,
+        "objective_calls": objective.calls,
+        "objective_fallbacks": objective.fallbacks,
+    }
+    return found, mean, stats
+
+
+def _layer_basis(run: _Run, li: int) -> CausalBasis:
+    """Search, then measure on held-out tokens, one layer's causal basis."""
+    cfg, layer, skip = run.cfg, run.layers[li], run.cfg.skip_first
+    t0 = time.perf_counter()
+    found, mean, stats = _search(run, li)
+    extract_seconds = time.perf_counter() - t0
+    run.report("measure", li, cfg.k)
+    t1 = time.perf_counter()
+    hh = run.held_h[li]
+    href = hh.clone()
+    href[:, skip:] = ablation_reference(
+        hh[:, skip:].flatten(0, 1), cfg.ablation, mean, seed=cfg.seed
+    ).view_as(hh[:, skip:])
+    held_inf = lens_influence(
+        run.lens, layer, hh[:, skip:].flatten(0, 1), href[:, skip:].flatten(0, 1), found.basis
+    )
+    order = torch.argsort(-held_inf, stable=True)
+    lens_seconds = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    model_inf = None
+    if cfg.model_influence:
+        model_inf = model_influence(
+            run.model,
+            layer,
+            found.basis[order],
+            run.held_tokens,
+            href,
+            skip_first=skip,
+            batch_size=cfg.batch_size,
+            clean=run.held_clean,
+            progress=run.progress,
+        )
+    pick = order.tolist()
+    seconds = {
+        "capture_all_layers": run.capture_seconds,
+        "extract": extract_seconds,
+        "lens_influence": lens_seconds,
+        "model_influence": time.perf_counter() - t2,
+    }
+    return CausalBasis(
+        layer=layer,
+        basis=found.basis[order],
+        mean=mean,
+        lens_influence=held_inf[order],
+        train_influence=torch.tensor(found.train_influence)[order],
+        model_influence=model_inf,
+        found_at=tuple(pick),
+        iterations=tuple(found.iterations[i] for i in pick),
+        converged=tuple(found.converged[i] for i in pick),
+        settings={**run.common, **stats, "seconds": seconds},
+    )
+
+
+def _common(
+    lens: Lens, corpus: Corpus, cfg: CausalBasisConfig, train: TokenChunks, held: TokenChunks
+) -> dict[str, Any]:
+    """Settings every layer's file records: model, lens, data, config and token counts."""
+    adapter, skip = lens.adapter, cfg.skip_first
+    return {
+        "model": adapter.name,
+        "model_shape": {
+            "architecture": adapter.architecture,
+            "n_layers": adapter.n_layers,
+            "d_model": adapter.d_model,
+            "d_vocab": adapter.d_vocab,
+        },
+        "lens": lens_record(lens),
+        "data": corpus.name,
+        "config": cfg.to_dict(),
+        "train_tokens": train.n_tokens - len(train) * skip,
+        "eval_tokens": held.n_tokens - len(held) * skip,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def extract_causal_basis(
@@ -321,43 +331,32 @@ def extract_causal_basis(
         LenskitError: For bad layers or settings, unreadable data, too few tokens, or an
             ``out`` folder holding another model's or lens's bases.
     """
-    from tqdm.auto import tqdm
-
     begun = time.perf_counter()
     cfg = config or CausalBasisConfig()
     layers = _check_inputs(model, lens, layers, cfg, out)
-    adapter = lens.adapter
     corpus = data if isinstance(data, Corpus) else load_corpus(data)
     train, held = split_documents(corpus, cfg.held_out, seed=cfg.seed)
     train_chunks = eval_chunks(model, train, tokens=cfg.tokens, seq_len=cfg.seq_len, seed=cfg.seed)
     held_chunks = eval_chunks(
         model, held, tokens=cfg.eval_tokens, seq_len=cfg.seq_len, seed=cfg.seed
     )
-    tic = time.perf_counter()
-    search_seconds = 0.0
-
-    def report(
-        phase: str, li: int = 0, direction: int = 0, iteration: int = 0, value: float | None = None
-    ) -> None:
-        if on_progress is not None:
-            on_progress(
-                BasisProgress(
-                    phase,
-                    layers[li] if phase != "capture" else None,
-                    li,
-                    len(layers),
-                    direction,
-                    cfg.k,
-                    iteration,
-                    cfg.max_iter,
-                    value,
-                    time.perf_counter() - begun,
-                    search_seconds,
-                )
+    if on_progress is not None:
+        on_progress(
+            BasisProgress(
+                "capture",
+                None,
+                0,
+                len(layers),
+                0,
+                cfg.k,
+                0,
+                cfg.max_iter,
+                None,
+                time.perf_counter() - begun,
+                0.0,
             )
-
-    report("capture")
-    skip = cfg.skip_first
+        )
+    tic = time.perf_counter()
     train_h, _ = _residuals(
         model,
         train_chunks.tokens,
@@ -376,128 +375,26 @@ def extract_causal_basis(
         desc="held-out residuals",
         progress=progress,
     )
-    capture_seconds = time.perf_counter() - tic
-    gram = unembedding_gram(lens)
-    common = {
-        "model": adapter.name,
-        "model_shape": {
-            "architecture": adapter.architecture,
-            "n_layers": adapter.n_layers,
-            "d_model": adapter.d_model,
-            "d_vocab": adapter.d_vocab,
-        },
-        "lens": lens_record(lens),
-        "data": corpus.name,
-        "config": cfg.to_dict(),
-        "train_tokens": train_chunks.n_tokens - len(train_chunks) * skip,
-        "eval_tokens": held_chunks.n_tokens - len(held_chunks) * skip,
-        "torch_threads": torch.get_num_threads(),
-    }
+    run = _Run(
+        model,
+        lens,
+        layers,
+        cfg,
+        held_chunks.tokens,
+        train_h,
+        held_h,
+        held_clean,
+        _common(lens, corpus, cfg, train_chunks, held_chunks),
+        time.perf_counter() - tic,
+        begun,
+        on_progress,
+        progress,
+    )
     results: dict[int, CausalBasis] = {}
     for li, layer in enumerate(layers):
-        t0 = time.perf_counter()
-        h = train_h[li][:, skip:].flatten(0, 1)
-        mean = h.double().mean(0).float()
-        objective = LensObjective(
-            lens, layer, h, ablation_reference(h, cfg.ablation, mean, seed=cfg.seed)
-        )
-        lens_gram = _lens_gram(lens, layer, mean, gram)
-        found = torch.zeros(0, adapter.d_model)
-        train_inf, iters, conv = [], [], []
-        bar = tqdm(
-            total=cfg.k,
-            desc=f"layer {layer} directions",
-            unit="dir",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        with bar:
-            for i in range(cfg.k):
-                proj = (
-                    torch.eye(adapter.d_model, dtype=torch.float64)
-                    - found.double().T @ found.double()
-                )
-                start = torch.linalg.eigh(proj @ lens_gram @ proj).eigenvectors[:, -1]
-                if float((proj @ start).norm()) < 1e-3:  # the complement is flat: any start
-                    gen = torch.Generator().manual_seed(cfg.seed + i)
-                    start = torch.randn(adapter.d_model, generator=gen, dtype=torch.float64)
-
-                def show(it: int, value: float, i: int = i, li: int = li, bar: Any = bar) -> None:
-                    bar.set_postfix_str(f"dir {i + 1} it {it} {value:.4f} bits")
-                    report("search", li, i, it, value)
-
-                t_dir = time.perf_counter()
-
-                v, value, n_iter, ok = find_direction(
-                    objective,
-                    found,
-                    start.float(),
-                    max_iter=cfg.max_iter,
-                    tol=cfg.tol,
-                    on_step=show,
-                )
-                v = v * torch.sign(v[v.abs().argmax()])  # sign: largest entry positive
-                found = torch.cat([found, v.unsqueeze(0)])
-                train_inf.append(value)
-                iters.append(n_iter)
-                conv.append(ok)
-                search_seconds += time.perf_counter() - t_dir
-                bar.update(1)
-        extract_seconds = time.perf_counter() - t0
-        mode, fallbacks, calls = objective.mode, objective.fallbacks, objective.calls
-        del objective
-        report("measure", li, cfg.k)
-        t1 = time.perf_counter()
-        hh = held_h[li]
-        href = hh.clone()
-        href[:, skip:] = ablation_reference(
-            hh[:, skip:].flatten(0, 1), cfg.ablation, mean, seed=cfg.seed
-        ).view_as(hh[:, skip:])
-        held_inf = lens_influence(
-            lens, layer, hh[:, skip:].flatten(0, 1), href[:, skip:].flatten(0, 1), found
-        )
-        order = torch.argsort(-held_inf, stable=True)
-        lens_seconds = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        model_inf = None
-        if cfg.model_influence:
-            model_inf = model_influence(
-                model,
-                layer,
-                found[order],
-                held_chunks.tokens,
-                href,
-                skip_first=skip,
-                batch_size=cfg.batch_size,
-                clean=held_clean,
-                progress=progress,
-            )
-        pick = order.tolist()
-        basis = CausalBasis(
-            layer=layer,
-            basis=found[order],
-            mean=mean,
-            lens_influence=held_inf[order],
-            train_influence=torch.tensor(train_inf)[order],
-            model_influence=model_inf,
-            found_at=tuple(pick),
-            iterations=tuple(iters[i] for i in pick),
-            converged=tuple(conv[i] for i in pick),
-            settings={
-                **common,
-                "objective_path": mode,
-                "objective_calls": calls,
-                "objective_fallbacks": fallbacks,
-                "seconds": {
-                    "capture_all_layers": capture_seconds,
-                    "extract": extract_seconds,
-                    "lens_influence": lens_seconds,
-                    "model_influence": time.perf_counter() - t2,
-                },
-            },
-        )
+        basis = _layer_basis(run, li)
         if out is not None:
             basis.save(out)
         results[layer] = basis
-        report("done", li, cfg.k)
+        run.report("done", li, cfg.k)
     return results

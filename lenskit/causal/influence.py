@@ -30,11 +30,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lenskit.causal.config import ABLATIONS
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens
 from lenskit.lenses.basis import CausalBasis
 from lenskit.metrics import LN2, Reference, kl_nats
 from lenskit.models import model_lock
+from lenskit.readout import Readout
 
 __all__ = [
     "ABLATIONS",
@@ -47,15 +49,14 @@ __all__ = [
     "model_influence",
 ]
 
-ABLATIONS = ("mean", "zero", "resample")
 ROWS = 512  # rows per readout in the plain path
 BLOCK = 16  # rows per block in the fast path: a block's passes stay in the CPU cache
 SPAN_TOL = 1e-4  # largest relative error allowed in the fast path's decomposition
 
 
 def ablation_reference(
-    h: Float[Tensor, "n d_model"], ablation: str, mean: Float[Tensor, " d_model"], *, seed: int
-) -> Float[Tensor, "n d_model"]:
+    h: Float[Tensor, "cell d_model"], ablation: str, mean: Float[Tensor, " d_model"], *, seed: int
+) -> Float[Tensor, "cell d_model"]:
     """The reference residual of each token for an ablation (see the module docs)."""
     if ablation == "mean":
         return mean.to(h).expand_as(h).clone()
@@ -112,8 +113,8 @@ class LensObjective:
         self,
         lens: Lens,
         layer: int,
-        h: Float[Tensor, "n d_model"],
-        reference: Float[Tensor, "n d_model"],
+        h: Float[Tensor, "cell d_model"],
+        reference: Float[Tensor, "cell d_model"],
         *,
         mode: str = "auto",
         check: bool = True,
@@ -280,23 +281,40 @@ class LensObjective:
 def lens_influence(
     lens: Lens,
     layer: int,
-    h: Float[Tensor, "n d_model"],
-    reference: Float[Tensor, "n d_model"],
+    h: Float[Tensor, "cell d_model"],
+    reference: Float[Tensor, "cell d_model"],
     directions: Float[Tensor, "k d_model"],
+    *,
+    precision: str = "exact",
 ) -> Float[Tensor, " k"]:
     """Each direction's influence on a lens, in bits: the lens itself on the ablated residuals.
+
+    A lens that reads its translated residual through the model's final norm and
+    unembedding (every built-in kind) is read by :class:`lenskit.readout.Readout` at
+    ``precision`` (float32 by default: single-direction KLs are small); any other lens
+    through its own ``forward``.
 
     Returns:
         Mean ``KL(lens(h) || lens(ablate(h, v)))`` per direction (float64).
     """
     layer = lens.check_layer(layer)
     sums = torch.zeros(directions.shape[0], dtype=torch.float64)
+    straight = type(lens).forward is Lens.forward  # translate, then the model's readout
+    engine = Readout(lens.adapter, precision) if straight else None
     with torch.no_grad():
         for lo in range(0, h.shape[0], ROWS):
             part, ref_part = h[lo : lo + ROWS], reference[lo : lo + ROWS]
-            clean = Reference.from_logits(lens(part, layer))
+            if engine is None:
+                clean = Reference.from_logits(lens(part, layer))
+            else:
+                clean = engine.reference(lens.transform_hidden(part, layer))
             for i, v in enumerate(directions.to(h)):
-                sums[i] += kl_nats(clean, lens(ablate(part, v, ref_part), layer)).double().sum()
+                ablated = ablate(part, v, ref_part)
+                if engine is None:
+                    kl = kl_nats(clean, lens(ablated, layer))
+                else:
+                    kl = engine.kl_nats(lens.transform_hidden(ablated, layer), clean)
+                sums[i] += kl.double().sum()
     return sums / (h.shape[0] * LN2)
 
 

@@ -13,16 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lenskit.causal.extraction import CausalBasisConfig, extract_causal_basis
-from lenskit.causal.influence import ABLATIONS
+from lenskit.causal.config import CausalBasisConfig
+from lenskit.commands.flags import add_flags, config_from_args
 from lenskit.errors import LenskitError
-from lenskit.lenses import get_lens, parse_lens_spec
-from lenskit.lenses.basis import CausalBasis
-from lenskit.models import DEFAULT_MODEL, load_model
+from lenskit.io import check_output
+from lenskit.settings import DEFAULT_MODEL
 
 __all__ = ["format_table", "register", "run"]
-
-_DEFAULTS = CausalBasisConfig()
 
 
 def register(sub: Any) -> None:
@@ -35,7 +32,6 @@ def register(sub: Any) -> None:
         "the direction ablated; measure each on held-out text on the lens and on the model "
         "(ablated in the residual stream); sort by lens influence; add the layer to --out.",
     )
-    d = _DEFAULTS
     add = parser.add_argument
     add("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     add(
@@ -51,48 +47,14 @@ def register(sub: Any) -> None:
         metavar="L",
         help="block inputs (lens rows 0..n_layers-1); several are captured in one pass",
     )
-    add("--k", type=int, default=d.k, help=f"directions per layer ({d.k})")
-    add("--data", default=None, help="corpus file, folder or cached dataset (Shakespeare)")
     add(
         "--out",
         required=True,
         metavar="DIR",
         help="basis folder (new, or one of this model and lens: layers are added or replaced)",
     )
-    add("--ablation", choices=ABLATIONS, default=d.ablation, help=f"({d.ablation})")
-    add("--tokens", type=int, default=d.tokens, help=f"training tokens ({d.tokens})")
-    add(
-        "--eval-tokens",
-        type=int,
-        default=d.eval_tokens,
-        help=f"held-out tokens for the reported influences ({d.eval_tokens})",
-    )
-    add("--seq-len", type=int, default=d.seq_len, help=f"tokens per chunk ({d.seq_len})")
-    add(
-        "--held-out",
-        type=float,
-        default=d.held_out,
-        help=f"held-out document fraction ({d.held_out})",
-    )
-    add("--seed", type=int, default=d.seed, help=f"split, order and resampling ({d.seed})")
-    add(
-        "--max-iter",
-        type=int,
-        default=d.max_iter,
-        help=f"L-BFGS iterations per direction ({d.max_iter})",
-    )
-    add("--tol", type=float, default=d.tol, help=f"relative change that ends a search ({d.tol})")
-    add(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"chunks per forward pass ({d.batch_size})",
-    )
-    add(
-        "--no-model-influence",
-        action="store_true",
-        help="skip the influence on the model (k forward passes over the held-out tokens)",
-    )
+    add("--data", default=None, help="corpus file, folder or cached dataset (Shakespeare)")
+    add_flags(parser.add_argument_group("extraction settings"), CausalBasisConfig)
     add(
         "--figures",
         default=None,
@@ -105,22 +67,10 @@ def register(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> CausalBasisConfig:
-    return CausalBasisConfig(
-        k=args.k,
-        ablation=args.ablation,
-        tokens=args.tokens,
-        eval_tokens=args.eval_tokens,
-        seq_len=args.seq_len,
-        held_out=args.held_out,
-        seed=args.seed,
-        max_iter=args.max_iter,
-        tol=args.tol,
-        model_influence=not args.no_model_influence,
-        batch_size=args.batch_size,
-    )
+    return config_from_args(CausalBasisConfig, args)
 
 
-def format_table(basis: CausalBasis) -> str:
+def format_table(basis: Any) -> str:
     """Per direction: held-out lens and model influence, training objective, search stats."""
     s = basis.settings
     lens = s.get("lens", {})
@@ -155,7 +105,7 @@ def format_table(basis: CausalBasis) -> str:
     return "\n".join(lines)
 
 
-def _figures(model: Any, lens: Any, basis: CausalBasis, folder: Path) -> list[Path]:
+def _figures(model: Any, lens: Any, basis: Any, folder: Path) -> list[Path]:
     from lenskit.causal.influence import direction_tokens
     from lenskit.export import save_figure
     from lenskit.plotting.causal import direction_tokens_plot, influence_plot
@@ -175,15 +125,19 @@ def _figures(model: Any, lens: Any, basis: CausalBasis, folder: Path) -> list[Pa
 def run(args: argparse.Namespace) -> int:
     """Run ``lenskit causal-basis``."""
     config = _config(args)  # bad settings fail before the model loads
+    from lenskit.causal.extraction import extract_causal_basis
+    from lenskit.lenses import get_lens, parse_lens_spec
+    from lenskit.models import load_model
+
     kind, options = parse_lens_spec(args.lens)
     if kind == "tuned-with-causal-basis":
         raise LenskitError(
             "extract a causal basis with the lens it will serve: pass --lens "
             "tuned or --lens tuned:DIR"
         )
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise LenskitError(f"--out {out} is a file: give a folder")
+    out = check_output(args.out, "--out", kind="folder")
+    if args.figures:
+        check_output(args.figures, "--figures", kind="folder")
     model = load_model(args.model, device=args.device)
     lens = get_lens(kind, model, **options)
     bases = extract_causal_basis(

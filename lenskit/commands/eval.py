@@ -16,16 +16,17 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lenskit.commands.flags import add_flags, config_from_args
+from lenskit.commands.trajectory import PRECISION_CHOICES, add_points_flag, parse_points
 from lenskit.errors import LenskitError
-from lenskit.evaluation import DEFAULT_SEQ_LEN, evaluate
-from lenskit.evaluation.results import METRICS, EvalResult
-from lenskit.export import save_figure
-from lenskit.io import atomic_open, atomic_write_json
-from lenskit.lenses import get_lens, parse_lens_spec
-from lenskit.models import DEFAULT_MODEL, load_model
-from lenskit.plotting import metric_lines
+from lenskit.evaluation.config import EvalConfig
+
+if TYPE_CHECKING:
+    from lenskit.evaluation.results import EvalResult
+
+# Torch, the model code and plotting load only once the arguments are checked.
 
 __all__ = ["PRODUCER", "format_summary", "lens_names", "register", "run", "write_outputs"]
 
@@ -49,7 +50,7 @@ def register(sub: Any) -> None:
         "DIR/metrics.csv and DIR/metrics.json, with a figure per metric.",
     )
     add = parser.add_argument
-    add("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    add("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     add(
         "--lens",
         action="append",
@@ -58,33 +59,23 @@ def register(sub: Any) -> None:
         "several (default: logit)",
     )
     add("--data", default=None, help="corpus file, folder or cached dataset (Shakespeare)")
-    add("--tokens", type=int, required=True, help="tokens to read, in whole chunks")
     add(
         "--out",
         required=True,
         metavar="DIR",
         help="folder for the results (new or empty, or an earlier eval's, which is replaced)",
     )
-    add(
-        "--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per chunk ({DEFAULT_SEQ_LEN})"
-    )
-    add("--batch-size", type=int, default=4, help="chunks per forward pass (4)")
-    add("--seed", type=int, default=0, help="document order and held-out split (0)")
-    add(
-        "--held-out",
-        type=float,
-        default=None,
-        metavar="FRACTION",
-        help="score only the documents `lenskit train --held-out FRACTION` holds out",
-    )
-    add(
-        "--transfer",
-        action="store_true",
-        help="also score each tuned translator on every layer (transfer.csv; n_layers x slower)",
-    )
+    add_flags(parser.add_argument_group("settings"), EvalConfig, required=("tokens",))
+    add_points_flag(parser)
     add("--no-png", action="store_true", help="write HTML figures only")
     add("--device", default="cpu")
     add("--quiet", action="store_true", help="no progress bar")
+    add(
+        "--precision",
+        default=None,
+        choices=PRECISION_CHOICES,
+        help="readout matmul precision (default: $LENSKIT_PRECISION, else auto: measured)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -94,6 +85,8 @@ def lens_names(specs: list[str] | None) -> dict[str, str]:
     Raises:
         LenskitError: For a bad spec or a duplicate name.
     """
+    from lenskit.lenses import parse_lens_spec
+
     named: dict[str, str] = {}
     for text in specs or ["logit"]:
         name, sep, spec = text.partition("=")
@@ -159,6 +152,11 @@ def write_outputs(
     Returns:
         The names of the files written.
     """
+    from lenskit.evaluation.results import METRICS
+    from lenskit.export import save_figure
+    from lenskit.io import atomic_open, atomic_write_json
+    from lenskit.plotting import metric_lines
+
     target = Path(out).expanduser()
     _check_out(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -205,9 +203,10 @@ def format_summary(result: EvalResult) -> str:
     width = max(9, *(len(n) + 3 for n in lenses))
     lines = [f"{'layer':>6}" + "".join(f"{n + ' KL':>{width}}" for n in lenses)]
     table = frame[frame["lens"] != "model"].pivot(index="layer", columns="lens", values="kl_bits")
+    labels = dict(zip(frame["layer"], frame["layer_label"], strict=True))
     for layer, row in table.iterrows():
         lines.append(
-            f"{layer:>6}"
+            f"{labels.get(layer, layer):>6}"
             + "".join(
                 f"{row[n]:>{width}.3f}" if math.isfinite(row[n]) else f"{'—':>{width}}"
                 for n in lenses
@@ -238,11 +237,18 @@ def format_summary(result: EvalResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lenskit eval``."""
-    specs = lens_names(args.lens)  # bad specs and names fail before the model loads
     if args.tokens < 1:
         raise LenskitError(f"--tokens must be >= 1, got {args.tokens}: pass e.g. 65536")
+    specs = lens_names(args.lens)  # bad specs and names fail before the model loads
+    points = parse_points(args.points)
+    from lenskit.evaluation import evaluate
+    from lenskit.io import check_output
+    from lenskit.lenses import get_lens, parse_lens_spec
+    from lenskit.models import DEFAULT_MODEL, load_model
+
+    check_output(args.out, "--out", kind="folder")
     _check_out(Path(args.out).expanduser())
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model or DEFAULT_MODEL, device=args.device)
     lenses = {}
     for name, spec in specs.items():
         kind, options = parse_lens_spec(spec)
@@ -251,13 +257,10 @@ def run(args: argparse.Namespace) -> int:
         model,
         lenses,
         args.data,
-        tokens=args.tokens,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        transfer=args.transfer,
-        held_out=args.held_out,
+        **config_from_args(EvalConfig, args).to_dict(),
         progress=not args.quiet,
+        precision=args.precision,
+        points=points,
     )
     command = shlex.join(["lenskit", "eval", *sys.argv[2:]]) if sys.argv[1:2] == ["eval"] else None
     files = write_outputs(

@@ -10,15 +10,13 @@ import argparse
 import shlex
 from typing import Any
 
-import torch
-
 from lenskit.errors import LenskitError
-from lenskit.models import DEFAULT_MODEL, load_model
-from lenskit.training.jacobian import fit_jacobian_lens
+from lenskit.io import check_output
+from lenskit.settings import DEFAULT_MODEL
 
 __all__ = ["register", "run"]
 
-_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_DTYPES = ("float16", "float32")  # storage dtypes, torch names
 
 
 def register(sub: Any) -> None:
@@ -37,7 +35,7 @@ def register(sub: Any) -> None:
     add("--seq-len", type=int, default=128, help="tokens per prompt, BOS included (128)")
     add("--out", required=True, metavar="FILE", help="artifact file (a folder: FILE/lens.pt)")
     add("--no-resume", action="store_true", help="start afresh, ignoring FILE.partial and FILE")
-    add("--dtype", choices=tuple(_DTYPES), default="float16", help="storage dtype (float16)")
+    add("--dtype", choices=_DTYPES, default="float16", help="storage dtype (float16)")
     add("--dim-batch", type=int, default=8, help="output dims per backward pass (8)")
     add("--skip-first", type=int, default=16, help="leading positions left out (16)")
     add("--seed", type=int, default=0, help="order of corpus chunks (0)")
@@ -50,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
     """Run ``lenskit fit-jacobian``."""
     if args.prompts < 1:
         raise LenskitError(f"--prompts must be >= 1, got {args.prompts}: fit on at least one")
+    check_output(args.out, "--out", kind="any")  # a folder means FOLDER/lens.pt
+    import torch
+
+    from lenskit.models import load_model
+    from lenskit.training.jacobian import fit_jacobian_lens
+
     model = load_model(args.model, device=args.device)
     lens = fit_jacobian_lens(
         model,
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         resume=not args.no_resume,
         progress=not args.quiet,
-        dtype=_DTYPES[args.dtype],
+        dtype=getattr(torch, args.dtype),
         dim_batch=args.dim_batch,
         skip_first_positions=args.skip_first,
         seed=args.seed,

@@ -19,10 +19,9 @@ import torch
 
 from lenskit.data import Corpus, TokenChunks, load_corpus, split_documents, tokenize_corpus
 from lenskit.errors import LenskitError
+from lenskit.evaluation.config import DEFAULT_SEQ_LEN
 
 __all__ = ["DEFAULT_SEQ_LEN", "eval_chunks"]
-
-DEFAULT_SEQ_LEN = 256
 
 
 def _take_chunks(chunks: TokenChunks, n_chunks: int, seed: int) -> TokenChunks:

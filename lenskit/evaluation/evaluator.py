@@ -10,14 +10,26 @@ Every lens is scored against the model's output, whatever it was fitted for: the
 ``objective`` column says which lenses were trained to match that output (the tuned lens)
 and which were not (the logit lens has no parameters; the J-lens averages Jacobians).
 Rows a lens does not cover (the J-lens's ``L0``) are skipped and reported as NaN with
-``covered`` False.
+``covered`` False. ``points=("resid_pre", "resid_mid")`` also scores the stream between
+attention and MLP (rows ``L12.mid``, after ``L12``; ``layer`` is then the row index).
+
+Example:
+    >>> import lenskit
+    >>> from lenskit.data import Corpus
+    >>> from lenskit.evaluation import evaluate
+    >>> model = lenskit.load_model("tiny-llama")
+    >>> text = Corpus("demo", ("the cat sat on the mat " * 40,))
+    >>> result = evaluate(model, [lenskit.get_lens("logit", model)], text, tokens=64,
+    ...                   seq_len=32, progress=False)
+    >>> sorted(set(result.metrics.lens))
+    ['logit', 'model']
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +39,6 @@ from torch import Tensor
 from lenskit.data import Corpus, TokenChunks
 from lenskit.errors import LenskitError
 from lenskit.evaluation.chunks import eval_chunks
-from lenskit.evaluation.layer_kl import ROWS_PER_READOUT
 from lenskit.evaluation.results import (
     METRICS,
     ChunkMoments,
@@ -35,37 +46,27 @@ from lenskit.evaluation.results import (
     metrics_frame,
     transfer_frame,
 )
-from lenskit.lenses.base import Lens
+from lenskit.lenses.base import Lens, point_rows
 from lenskit.lenses.tuned import TunedLens
-from lenskit.metrics import LN2, Reference, kl_nats, row_stats
-from lenskit.models import ModelAdapter
+from lenskit.metrics import LN2, Reference
+from lenskit.models import ModelAdapter, Row
 from lenskit.progress import Progress, ProgressCallback
-from lenskit.residual import capture
+from lenskit.readout import (
+    MATMUL_ROWS,
+    Readout,
+    RowStats,
+    fp32_matmuls,
+    logit_stats,
+    matmul_rates,
+    resolve_precision,
+)
+from lenskit.residual import capture, row_capture_points
 
-__all__ = ["OBJECTIVES", "EvalResult", "eval_chunks", "evaluate", "lens_objective"]
+__all__ = ["EvalResult", "eval_chunks", "evaluate", "expected_seconds"]
 
 
-# Dtype of the statistics of the logits; row_stats sums in float32 to ~1e-7 relative.
+# Dtype of the statistics of the logits; logit_stats sums in float32 to ~1e-7 relative.
 STATS_DTYPE = torch.float32
-_KIND_NOTES = {
-    "jacobian": "J-lens: an average Jacobian, fitted without a KL objective (not trained to "
-    "minimise KL to the model's output); layers without a fitted matrix are NaN",
-}
-OBJECTIVES = {
-    "logit": "none",  # no parameters: the model's own final norm and unembedding
-    "tuned": "kl_to_output",  # trained to minimise KL to the model's output
-    "jacobian": "average_jacobian",  # fitted as a mean Jacobian, not to match the output
-}
-"""What each built-in lens kind was fitted for (the ``objective`` column). Other kinds
-name theirs with a class attribute ``objective``; without one it is ``"unspecified"``."""
-
-
-def lens_objective(lens: Lens) -> str:
-    """What ``lens`` was fitted for: its class's ``objective``, or :data:`OBJECTIVES`."""
-    declared = getattr(type(lens), "objective", None)
-    if isinstance(declared, str) and declared:
-        return declared
-    return OBJECTIVES.get(lens.kind, "unspecified")
 
 
 def _named_lenses(
@@ -107,17 +108,38 @@ def _named_lenses(
     return named
 
 
-def _row_values(
-    logits: Float[Tensor, "n d_vocab"],
-    reference: Reference,
-    ids: Int[Tensor, "n 1"],
-    model_top: Int[Tensor, " n"],
-) -> Float[Tensor, "4 n"]:
+def _row_values(stats: RowStats, model_top: Int[Tensor, " cell"]) -> Float[Tensor, "4 cell"]:
     """Per position: KL, cross-entropy and entropy (bits), and top-1 agreement (0/1)."""
-    stats = row_stats(logits, reference, ids, top_k=1)
     agree = (stats.top_ids[:, 0] == model_top).to(stats.kl.dtype)
     ce = -stats.id_log_probs[:, 0] / LN2
     return torch.stack([stats.kl, ce, stats.entropy, agree]).double()
+
+
+def expected_seconds(
+    model: Any,
+    lenses: Sequence[Lens],
+    tokens: int,
+    *,
+    precision: str | None = None,
+    efficiency: float = 0.5,
+    points: Sequence[str] = ("resid_pre",),
+) -> float:
+    """About how long :func:`evaluate` takes here, from this machine's measured matmul rate.
+
+    The readout floor (one ``d_model x d_vocab`` matmul per token, covered layer and lens,
+    and one for the model's own output, at :func:`lenskit.readout.matmul_rates`) over
+    ``efficiency``, plus the forward passes (two flops per parameter and token, float32).
+    An estimate for a quiet machine, not a promise.
+    """
+    adapter = ModelAdapter(model)
+    chosen = resolve_precision(precision, adapter.W_U.device)
+    rates = matmul_rates(adapter.W_U.device)
+    rows = (point_rows(list(lenses), points) if lenses else adapter.rows())[:-1]
+    rows = sum(lens.covers_point(r.layer, r.point) for lens in lenses for r in rows) + 1
+    readout = tokens * rows * 2 * adapter.d_model * adapter.d_vocab
+    forward = tokens * 2 * sum(p.numel() for p in model.parameters())
+    seconds = readout / (rates["fp32" if chosen == "exact" else chosen] * 1e9) / efficiency
+    return seconds + forward / (rates["fp32"] * 1e9) / efficiency
 
 
 def evaluate(
@@ -133,6 +155,9 @@ def evaluate(
     held_out: float | None = None,
     progress: bool = True,
     on_progress: ProgressCallback | None = None,
+    on_result: Callable[[EvalResult], None] | None = None,
+    precision: str | None = None,
+    points: Sequence[str] = ("resid_pre",),
 ) -> EvalResult:
     """Per-layer metrics of lenses over a corpus, with standard errors over chunks.
 
@@ -140,10 +165,11 @@ def evaluate(
     inputs. In each chunk of ``seq_len`` tokens, the first ``seq_len - 1`` positions are
     scored (the last has no next token in the chunk): ``KL(model output || lens)``, the
     cross-entropy of the actual next token, the lens's entropy (bits) and whether its
-    top-1 is the model's top-1. The readout runs in the model's dtype, the statistics of
-    its logits in float32 (:data:`STATS_DTYPE`), summed per chunk in float64. Only
-    per-chunk means are kept, so memory does not grow
-    with ``tokens``. See :class:`~lenskit.evaluation.results.EvalResult` for the table.
+    top-1 is the model's top-1. The readout runs in the chosen precision
+    (:mod:`lenskit.readout`), the statistics of its logits in float32
+    (:data:`STATS_DTYPE`), summed per chunk in float64; ``p`` is the model's own output.
+    Only per-chunk means are kept, so memory does not grow with ``tokens``. See
+    :class:`~lenskit.evaluation.results.EvalResult` for the table.
 
     Args:
         model: A ``TransformerBridge``.
@@ -160,7 +186,14 @@ def evaluate(
             held_out, seed=seed)``, the split ``lenskit train`` holds out.
         progress: Show a tqdm bar with tokens per second.
         on_progress: Called with a :class:`~lenskit.progress.Progress` (phase
-            ``"evaluate"``) after every batch; if it raises, the evaluation stops.
+            ``"evaluate"``) every second or so and after every batch (tokens counted
+            within a batch as its readouts finish); if it raises, the evaluation stops.
+        on_result: Called with the result of the chunks finished so far after every
+            batch (for a Stop that keeps finished work: keep the last one).
+        precision: The readout's matmul precision (see :mod:`lenskit.readout`).
+        points: Residual points scored in each block: ``("resid_pre",)`` (block
+            inputs) or ``("resid_pre", "resid_mid")`` (also the ``L12.mid`` rows; every
+            lens must read them). ``transfer`` reads block inputs either way.
 
     Returns:
         The :class:`~lenskit.evaluation.results.EvalResult`.
@@ -174,14 +207,14 @@ def evaluate(
     tuned = [name for name, lens in named.items() if isinstance(lens, TunedLens)]
     if transfer and not tuned:
         raise LenskitError("transfer needs a tuned lens: add one (e.g. tuned:DIR) or drop it")
+    lens_list = list(named.values())
+    rows = point_rows(lens_list, points)
     chunks = eval_chunks(model, data, tokens=tokens, seq_len=seq_len, seed=seed, held_out=held_out)
     adapter = ModelAdapter(model)
-    n_layers, seq_len = adapter.n_layers, chunks.seq_len
-    lens_list = list(named.values())
-    covered = [[lens.covers(layer) for layer in range(n_layers)] for lens in lens_list]
-    moments = ChunkMoments((len(lens_list), n_layers, len(METRICS)))
-    reference_moments = ChunkMoments((2,))
-    transfer_moments = ChunkMoments((len(tuned), n_layers, n_layers)) if transfer else None
+    engine = Readout(adapter, precision)
+    seq_len = chunks.seq_len
+    covered = [[lens.covers_point(r.layer, r.point) for r in rows[:-1]] for lens in lens_list]
+    run = _Run(named, covered, tuned if transfer else [], adapter, chunks, seed, rows)
     from tqdm.auto import tqdm
 
     tic = time.perf_counter()
@@ -193,107 +226,161 @@ def evaluate(
         disable=not progress,
         dynamic_ncols=True,
     )
+    last = [tic]
+
+    def tick(done: float | int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if on_progress is not None and (force or now - last[0] >= 1.0):
+            last[0] = now
+            spent = now - tic
+            done_tokens = round(done)
+            on_progress(Progress("evaluate", done_tokens, chunks.n_tokens, done / spent, spent))
+
     with torch.no_grad(), bar:
         for start in range(0, len(chunks), batch_size):
             batch = chunks.tokens[start : start + batch_size].to(adapter.W_U.device)
+            first, size = start * seq_len, batch.numel()
             sums = _batch_sums(
-                model, [named[n] for n in tuned] if transfer else [], lens_list, covered, batch
+                model,
+                engine,
+                [named[n] for n in run.tuned],
+                lens_list,
+                covered,
+                batch,
+                lambda f, first=first, size=size: tick(first + f * size),
+                rows[:-1],
             )
-            moments.add(sums["lens"])
-            reference_moments.add(sums["model"])
-            if transfer_moments is not None:
-                transfer_moments.add(sums["transfer"])
+            run.add(sums, len(batch))
             bar.update(batch.numel())
-            if on_progress is not None:
-                done, spent = (start + len(batch)) * seq_len, time.perf_counter() - tic
-                on_progress(Progress("evaluate", done, chunks.n_tokens, done / spent, spent))
-    seconds = time.perf_counter() - tic
-    notes = {
-        name: _KIND_NOTES[lens.kind] for name, lens in named.items() if lens.kind in _KIND_NOTES
-    }
-    objectives = {name: lens_objective(lens) for name, lens in named.items()}
-    frame = metrics_frame(
-        {name: lens.kind for name, lens in named.items()},
-        covered,
-        [adapter.row_label(row) for row in range(adapter.n_rows)],
-        moments,
-        reference_moments,
-        tokens_per_byte=chunks.n_tokens / chunks.n_bytes if chunks.n_bytes else math.nan,
-        notes=notes,
-        objectives=objectives,
-    )
-    table = None if transfer_moments is None else transfer_frame(tuned, transfer_moments)
-    return EvalResult(
-        metrics=frame,
-        model=adapter.name,
-        lenses={
-            name: {
-                "kind": lens.kind,
-                "source": getattr(lens, "source", None),
-                "objective": objectives[name],
-            }
-            for name, lens in named.items()
-        },
-        source=chunks.source,
-        tokens=chunks.n_tokens,
-        scored_tokens=len(chunks) * (seq_len - 1),
-        chunks=len(chunks),
-        seq_len=seq_len,
-        n_bytes=chunks.n_bytes,
-        seed=seed,
-        seconds=seconds,
-        transfer=table,
-        notes=notes,
-    )
+            tick((start + len(batch)) * seq_len, force=True)
+            if on_result is not None:
+                on_result(run.result(time.perf_counter() - tic))
+    return run.result(time.perf_counter() - tic)
+
+
+class _Run:
+    """The running moments of an evaluation, and its result so far."""
+
+    def __init__(
+        self,
+        named: dict[str, Lens],
+        covered: list[list[bool]],
+        tuned: list[str],
+        adapter: ModelAdapter,
+        chunks: TokenChunks,
+        seed: int,
+        rows: Sequence[Row],
+    ) -> None:
+        n_layers = adapter.n_layers
+        self.named, self.covered, self.tuned, self.adapter = named, covered, tuned, adapter
+        self.chunks, self.seed, self.done, self.labels = chunks, seed, 0, [r.label for r in rows]
+        self.moments = ChunkMoments((len(named), len(rows) - 1, len(METRICS)))
+        self.reference = ChunkMoments((2,))
+        self.transfer = ChunkMoments((len(tuned), n_layers, n_layers)) if tuned else None
+
+    def add(self, sums: dict[str, Tensor], n_chunks: int) -> None:
+        """Merge one batch's per-chunk sums."""
+        self.moments.add(sums["lens"])
+        self.reference.add(sums["model"])
+        if self.transfer is not None:
+            self.transfer.add(sums["transfer"])
+        self.done += n_chunks
+
+    def result(self, seconds: float) -> EvalResult:
+        """The result of the chunks finished so far."""
+        named, adapter, chunks, seq_len = self.named, self.adapter, self.chunks, self.chunks.seq_len
+        notes = {name: lens.note for name, lens in named.items() if lens.note}
+        objectives = {name: lens.objective for name, lens in named.items()}
+        frame = metrics_frame(
+            {name: lens.kind for name, lens in named.items()},
+            self.covered,
+            self.labels,
+            self.moments,
+            self.reference,
+            tokens_per_byte=chunks.n_tokens / chunks.n_bytes if chunks.n_bytes else math.nan,
+            notes=notes,
+            objectives=objectives,
+        )
+        table = None if self.transfer is None else transfer_frame(self.tuned, self.transfer)
+        return EvalResult(
+            metrics=frame,
+            model=adapter.name,
+            lenses={
+                name: {
+                    "kind": lens.kind,
+                    "source": getattr(lens, "source", None),
+                    "objective": objectives[name],
+                }
+                for name, lens in named.items()
+            },
+            source=chunks.source,
+            tokens=self.done * seq_len,
+            scored_tokens=self.done * (seq_len - 1),
+            chunks=self.done,
+            seq_len=seq_len,
+            n_bytes=round(chunks.n_bytes * self.done / len(chunks)),
+            seed=self.seed,
+            seconds=seconds,
+            transfer=table,
+            notes=notes,
+        )
 
 
 def _batch_sums(
     model: Any,
+    engine: Readout,
     tuned: list[Lens],
     lenses: list[Lens],
     covered: list[list[bool]],
     batch: Int[Tensor, "chunk pos"],
+    tick: Callable[[float], None],
+    read: Sequence[Row],
 ) -> dict[str, Tensor]:
-    """Per-chunk means of one batch's scored positions.
+    """Per-chunk means of one batch's scored positions; ``tick(fraction)`` as it goes.
 
     Returns:
         ``lens`` [lens, layer, metric, chunk], ``model`` [2, chunk] (cross-entropy and
         entropy of the model's output) and ``transfer`` [tuned, translator, layer, chunk].
     """
     n_chunks, n_pos = batch.shape[0], batch.shape[1] - 1
-    cap = capture(model, batch)
-    rows = cap.stack("resid_pre")[:, :, :-1].flatten(1, 2)  # [layer, n, d_model]
-    n_layers, device = rows.shape[0], rows.device
+    cap = capture(model, batch, points=("resid_pre", *row_capture_points(read)))
+    rows = cap.row_stack(read)[:, :, :-1].flatten(1, 2)  # [row, n, d_model]
+    n_layers, device = cap.stack("resid_pre").shape[0], rows.device
+    blocks_only = all(r.point == "resid_pre" for r in read)
+    pre = rows if blocks_only or not tuned else cap.stack("resid_pre")[:, :, :-1].flatten(1, 2)
     final = cap.logits[:, :-1].flatten(0, 1)
     ids = batch[:, 1:].reshape(-1, 1)
     owner = torch.arange(rows.shape[1], device=device) // n_pos  # chunk of each row
     lens_sums = torch.zeros(
-        len(lenses), n_layers, len(METRICS), n_chunks, dtype=torch.float64, device=device
+        len(lenses), len(read), len(METRICS), n_chunks, dtype=torch.float64, device=device
     )
     model_sums = torch.zeros(2, n_chunks, dtype=torch.float64, device=device)
     transfer_sums = torch.zeros(
         len(tuned), n_layers, n_layers, n_chunks, dtype=torch.float64, device=device
     )
-    for lo in range(0, rows.shape[1], ROWS_PER_READOUT):
-        part = slice(lo, lo + ROWS_PER_READOUT)
+    n_rows = rows.shape[1]
+    for lo in range(0, n_rows, MATMUL_ROWS):
+        part = slice(lo, lo + MATMUL_ROWS)
         own_logits = final[part].to(STATS_DTYPE)
         reference = Reference.from_logits(own_logits)
-        own = row_stats(own_logits, reference, ids[part], top_k=1)
+        own = logit_stats(own_logits, reference, ids[part], top_k=1)
         model_top = own.top_ids[:, 0]
         values = torch.stack([-own.id_log_probs[:, 0] / LN2, own.entropy]).double()
         model_sums.index_add_(1, owner[part], values)
         for i, lens in enumerate(lenses):
-            for layer in range(n_layers):
-                if covered[i][layer]:
-                    logits = lens(rows[layer, part], layer).to(STATS_DTYPE)
-                    values = _row_values(logits, reference, ids[part], model_top)
-                    lens_sums[i, layer].index_add_(1, owner[part], values)
+            for k, row in enumerate(read):
+                if covered[i][k]:
+                    with fp32_matmuls():
+                        moved = lens.transform_point(rows[k, part], row.layer, row.point)
+                    stats = engine.stats(engine.logits(moved), reference, ids[part], top_k=1)
+                    lens_sums[i, k].index_add_(1, owner[part], _row_values(stats, model_top))
+            tick((lo + (i + 1) / len(lenses) * own_logits.shape[0]) / n_rows)
         for t, lens in enumerate(tuned):
             for src in range(n_layers):
                 for layer in range(n_layers):
-                    moved = lens.transform_hidden(rows[layer, part], src)
-                    logits = lens.adapter.readout(moved).to(STATS_DTYPE)
-                    kl = kl_nats(reference, logits).clamp_min(0.0) / LN2
+                    with fp32_matmuls():
+                        moved = lens.transform_hidden(pre[layer, part], src)
+                    kl = engine.kl_nats(moved, reference).clamp_min(0.0) / LN2
                     transfer_sums[t, src, layer].index_add_(0, owner[part], kl.double())
     return {
         "lens": lens_sums / n_pos,

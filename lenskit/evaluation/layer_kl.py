@@ -4,6 +4,15 @@
 lens read the same residuals; training uses it to score translators, and
 :func:`layer_kl` turns it into a per-layer table. :func:`lenskit.evaluation.evaluate`
 is the full evaluation (cross-entropy, entropy, top-1 agreement, error bars).
+
+Example:
+    >>> import lenskit
+    >>> from lenskit.data import Corpus, tokenize_corpus
+    >>> from lenskit.evaluation import layer_kl
+    >>> model = lenskit.load_model("tiny-llama")
+    >>> chunks = tokenize_corpus(Corpus("demo", ("a b c " * 60,)), model.tokenizer, 32)
+    >>> layer_kl(model, lenskit.get_lens("logit", model), chunks).columns.tolist()
+    ['layer', 'kl_bits', 'covered']
 """
 
 from __future__ import annotations
@@ -19,13 +28,14 @@ from torch import Tensor
 
 from lenskit.data import TokenChunks
 from lenskit.errors import LenskitError
-from lenskit.lenses.base import Lens
-from lenskit.metrics import LN2, Reference, kl_nats
-from lenskit.residual import capture
+from lenskit.lenses.base import Lens, point_rows
+from lenskit.metrics import LN2, Reference
+from lenskit.readout import MATMUL_ROWS, Readout, fp32_matmuls
+from lenskit.residual import capture, row_capture_points
 
 __all__ = ["ROWS_PER_READOUT", "layer_kl", "layer_kl_sums"]
 
-ROWS_PER_READOUT = 512  # rows per unembedding matmul: near peak speed, memory stays flat
+ROWS_PER_READOUT = MATMUL_ROWS  # rows per unembedding matmul (lenskit.readout.MATMUL_ROWS)
 
 
 def layer_kl_sums(
@@ -35,6 +45,8 @@ def layer_kl_sums(
     *,
     batch_size: int = 4,
     progress: bool = False,
+    precision: str | None = None,
+    points: Sequence[str] = ("resid_pre",),
 ) -> Float[Tensor, "lens layer"]:
     """Summed ``KL(model output || lens)`` in nats per lens and block input, over all tokens.
 
@@ -47,38 +59,42 @@ def layer_kl_sums(
         tokens: Token chunks, one per row.
         batch_size: Chunks per forward pass.
         progress: Show a tqdm bar.
+        precision: The readout's matmul precision (see :mod:`lenskit.readout`).
+        points: Residual points read in each block; ``("resid_pre", "resid_mid")``
+            also scores the ``L12.mid`` rows (stream order: ``L0``, ``L0.mid``, ``L1``, ...).
 
     Returns:
-        ``[len(lenses), n_layers]`` float64 sums (divide by ``tokens.numel()`` for means),
-        NaN where a lens does not cover the layer.
+        ``[len(lenses), rows]`` float64 sums (divide by ``tokens.numel()`` for means),
+        NaN where a lens does not cover the row; rows are the block inputs (and
+        ``resid_mid`` rows, if asked for), not the output.
     """
     if batch_size < 1:
         raise LenskitError(f"batch_size must be >= 1, got {batch_size}: pass a positive size")
-    n_layers = int(model.cfg.n_layers)
+    read = point_rows(lenses, points)[:-1] if lenses else []
+    n_layers = len(read) if lenses else int(model.cfg.n_layers)
     sums = torch.zeros(len(lenses), n_layers, dtype=torch.float64)
-    covered = [[lens.covers(layer) for layer in range(n_layers)] for lens in lenses]
+    covered = [[lens.covers_point(r.layer, r.point) for r in read] for lens in lenses]
     starts = range(0, tokens.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="held-out KL", unit="batch", leave=False)
     device = lenses[0].adapter.W_U.device if lenses else "cpu"
+    engine = Readout(lenses[0].adapter, precision) if lenses else None
     with torch.no_grad():
         for start in starts:
             batch = tokens[start : start + batch_size].to(device)
-            cap = capture(model, batch)
-            rows = cap.stack("resid_pre").flatten(1, 2)  # [layer, n, d_model]
+            if engine is None:
+                break
+            cap = capture(model, batch, points=row_capture_points(read))
+            rows = cap.row_stack(read).flatten(1, 2)  # [row, n, d_model]
             reference = Reference.from_logits(cap.logits.flatten(0, 1))
-            for lo in range(0, rows.shape[1], ROWS_PER_READOUT):
-                part = Reference(
-                    reference.probs[lo : lo + ROWS_PER_READOUT],
-                    reference.neg_entropy[lo : lo + ROWS_PER_READOUT],
-                )
-                for i, lens in enumerate(lenses):
-                    for layer in range(n_layers):
-                        if covered[i][layer]:
-                            logits = lens(rows[layer, lo : lo + ROWS_PER_READOUT], layer)
-                            sums[i, layer] += kl_nats(part, logits).double().sum().cpu()
+            for i, lens in enumerate(lenses):
+                for k, row in enumerate(read):
+                    if covered[i][k]:
+                        with fp32_matmuls():
+                            moved = lens.transform_point(rows[k], row.layer, row.point)
+                        sums[i, k] += engine.kl_nats(moved, reference).double().sum().cpu()
     sums[~torch.tensor(covered, dtype=torch.bool).view(len(lenses), n_layers)] = math.nan
     return sums
 

@@ -42,7 +42,7 @@ MODEL_NOTE = "the model's own output (reference): KL 0 and top-1 agreement 1 by 
 UNCOVERED_NOTE = "not covered by this lens"
 REFERENCE_OBJECTIVE = "reference"
 """The ``objective`` of the model's own row (each lens row names what its lens was fitted
-for; see :data:`lenskit.evaluation.OBJECTIVES`)."""
+for; see :attr:`lenskit.Lens.objective`)."""
 
 
 def _metric_columns() -> list[str]:
@@ -78,7 +78,7 @@ class ChunkMoments:
         self.mean = torch.zeros(tuple(shape), dtype=torch.float64)
         self.m2 = torch.zeros(tuple(shape), dtype=torch.float64)
 
-    def add(self, values: Float[Tensor, "*shape chunk"]) -> None:
+    def add(self, values: Float[Tensor, "*batch chunk"]) -> None:
         """Merge the values of a batch of chunks (the last axis)."""
         values = values.detach().to("cpu", torch.float64)
         n = values.shape[-1]
@@ -92,7 +92,7 @@ class ChunkMoments:
         self.m2 += m2 + delta.square() * (self.count * n / total)
         self.count = total
 
-    def se(self) -> Float[Tensor, "*shape"]:
+    def se(self) -> Float[Tensor, "*batch"]:
         """Standard error of the mean over chunks (NaN with fewer than two chunks)."""
         if self.count < 2:
             return torch.full_like(self.mean, math.nan)

@@ -4,6 +4,7 @@ from lenskit.lenses import logit, tuned, jacobian, causal_basis  # noqa: F401  #
 from lenskit.lenses.base import (
     Lens,
     available_lenses,
+    file_lenses,
     get_lens,
     lens_class,
     lens_from_spec,
@@ -14,6 +15,7 @@ from lenskit.lenses.base import (
 __all__ = [
     "Lens",
     "available_lenses",
+    "file_lenses",
     "get_lens",
     "lens_class",
     "lens_from_spec",

@@ -7,12 +7,20 @@ the model's own final norm and unembedding (``forward``).
 
 Kinds register themselves with :func:`register_lens`; :func:`get_lens` builds one
 by name, so callers (CLI, plots, app) never name a lens class.
+
+Example:
+    >>> import lenskit
+    >>> model = lenskit.load_model("tiny-llama")
+    >>> lens = lenskit.get_lens("logit", model)
+    >>> lens.kind, lens.objective
+    ('logit', 'none')
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -25,10 +33,12 @@ from lenskit.models import ModelAdapter
 __all__ = [
     "Lens",
     "available_lenses",
+    "file_lenses",
     "get_lens",
     "lens_class",
     "lens_from_spec",
     "parse_lens_spec",
+    "point_rows",
     "register_lens",
     "row_blocks",
 ]
@@ -46,6 +56,19 @@ class Lens(torch.nn.Module, ABC):
 
     kind: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    objective: ClassVar[str] = "unspecified"
+    """What the lens was fitted for (the evaluation table's ``objective`` column)."""
+    coverage: ClassVar[str] = "every row"
+    """Which rows the lens reads, in words; :meth:`covers` says it row by row."""
+    note: ClassVar[str] = ""
+    """What a reader of its evaluation should know (empty: nothing special)."""
+    saved: ClassVar[str | None] = None
+    """How a saved lens of this kind looks on disk (None: the kind has no files)."""
+
+    @classmethod
+    def is_saved_lens(cls, path: Path) -> bool:
+        """Whether ``path`` holds a saved lens of this kind (False for kinds without files)."""
+        return False
 
     def __init__(self, adapter: ModelAdapter) -> None:
         super().__init__()
@@ -114,6 +137,67 @@ class Lens(torch.nn.Module, ABC):
             ]
         )
 
+    def covers_point(self, layer: int, point: str) -> bool:
+        """Whether this lens reads residual ``point`` of block ``layer`` (a :class:`Row`).
+
+        Block inputs (``resid_pre``) and the final residual are the lens's rows; the
+        stream between attention and MLP (``resid_mid``) needs a map of its own, which
+        only some lenses have.
+        """
+        if point == "resid_mid":
+            return False
+        return self.covers(layer)
+
+    def transform_mid(
+        self, h: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch d_model"]:
+        """Map the ``resid_mid`` residual of block ``layer``; lenses that cover it override this."""
+        raise self.mid_refusal(layer)
+
+    def mid_refusal(self, layer: int) -> LenskitError:
+        """The one-line error of a lens asked for a ``resid_mid`` row it has no map for."""
+        return LenskitError(
+            f"the {self.kind} lens has no map for the stream between attention and MLP "
+            f"(L{layer}.mid): read block inputs only, or use a tuned lens trained with "
+            "`lenskit train --points resid_pre,resid_mid`"
+        )
+
+    def transform_point(
+        self, h: Float[Tensor, "*batch d_model"], layer: int, point: str = "resid_pre"
+    ) -> Float[Tensor, "*batch d_model"]:
+        """:meth:`transform_hidden` for any row point (``resid_pre``, ``resid_mid``, final)."""
+        if point == "resid_mid":
+            layer = self.adapter.check_row(layer)
+            if layer == self.adapter.n_layers or not self.covers_point(layer, point):
+                return Lens.transform_mid(self, h, layer)  # the one-line refusal
+            return self.transform_mid(h, layer)
+        return self.transform_hidden(h, self.check_layer(layer))
+
+    def translate_points(
+        self, hidden: Float[Tensor, "layer pos d_model"], rows: Sequence[Any]
+    ) -> Float[Tensor, "layer pos d_model"]:
+        """:meth:`transform_point` of several rows (:class:`~lenskit.models.Row`), stacked."""
+        if len(rows) != hidden.shape[0]:
+            raise ValueError(f"{hidden.shape[0]} residual rows but {len(rows)} rows")
+        return torch.stack(
+            [self.transform_point(h, r.layer, r.point) for h, r in zip(hidden, rows, strict=True)]
+        )
+
+    def read_points(
+        self, hidden: Float[Tensor, "layer pos d_model"], rows: Sequence[Any]
+    ) -> Float[Tensor, "layer pos d_vocab"]:
+        """Logits of several rows (:class:`~lenskit.models.Row`) in one readout.
+
+        ``hidden[i]`` is the residual at ``rows[i]``; each row is read through
+        :meth:`transform_point`, so ``L12.mid`` rows work wherever the lens covers them.
+        """
+        if len(rows) != hidden.shape[0]:
+            raise ValueError(f"{hidden.shape[0]} residual rows but {len(rows)} rows")
+        translated = torch.stack(
+            [self.transform_point(h, r.layer, r.point) for h, r in zip(hidden, rows, strict=True)]
+        )
+        return self.adapter.readout(translated)
+
     def read_rows(
         self, hidden: Float[Tensor, "layer pos d_model"], layers: Sequence[int]
     ) -> Float[Tensor, "layer pos d_vocab"]:
@@ -127,6 +211,26 @@ class Lens(torch.nn.Module, ABC):
     def extra_repr(self) -> str:
         """One line for ``repr``: kind, model and rows."""
         return f"kind={self.kind!r}, model={self.adapter.name!r}, rows={self.n_rows}"
+
+
+def point_rows(lenses: Sequence[Lens], points: Sequence[str] = ("resid_pre",)) -> list[Any]:
+    """The rows (:class:`~lenskit.models.Row`) several lenses read at ``points``, in stream order.
+
+    ``("resid_pre",)`` gives the block inputs and the output; ``("resid_pre", "resid_mid")``
+    adds the stream between attention and MLP (``L12.mid``), 2 rows per block.
+
+    Raises:
+        LenskitError: For unknown points, ``resid_mid`` on a family that has no such
+            stream, or a lens that reads none of the ``resid_mid`` rows.
+    """
+    if isinstance(points, str):
+        points = tuple(p.strip() for p in points.split(","))
+    rows = lenses[0].adapter.rows(tuple(points))
+    mids = [r for r in rows if r.point == "resid_mid"]
+    for lens in lenses:
+        if mids and not any(lens.covers_point(r.layer, r.point) for r in mids):
+            raise lens.mid_refusal(mids[0].layer)
+    return rows
 
 
 def row_blocks(rows: Sequence[int], n_pos: int, cells: int = 512) -> list[list[int]]:
@@ -156,6 +260,11 @@ def register_lens(kind: str) -> Callable[[type[L]], type[L]]:
 def available_lenses() -> list[str]:
     """Registered lens kinds, in registration order."""
     return list(_REGISTRY)
+
+
+def file_lenses() -> list[str]:
+    """Registered lens kinds read from a file or folder, in registration order."""
+    return [kind for kind, cls in _REGISTRY.items() if cls.saved is not None]
 
 
 def lens_class(kind: str) -> type[Lens]:

@@ -9,9 +9,11 @@ measures them.
 Files: a basis folder holds one ``layer_{L}.safetensors`` per layer (``basis`` [k, d_model],
 ``mean`` [d_model], ``lens_influence``, ``train_influence`` and, where measured,
 ``model_influence`` [k]) and ``basis.json``, the index: the model, the lens the directions
-were extracted with, and per layer its file, settings and influences. Saving a layer adds it
-to the folder (or replaces it); a folder never mixes models or lenses. Files are written
-atomically, the layer file before the index.
+were extracted with, and per layer its file, settings and influences (read into typed
+records and checked by :mod:`lenskit.lenses.basis_index`). Saving a layer adds it to the
+folder (or replaces it); a folder never mixes models or lenses. Files are written
+atomically, the layer file before the index. A layer's file is a plain name inside the
+folder: an index naming a file elsewhere is refused.
 """
 
 from __future__ import annotations
@@ -30,10 +32,22 @@ from torch import Tensor
 
 from lenskit.errors import LenskitError
 from lenskit.io import atomic_open, atomic_write_json
+from lenskit.lenses.basis_index import (
+    FORMAT,
+    INDEX_FILE,
+    VERSION,
+    BasisIndex,
+    LayerRecord,
+    LensRecord,
+    ModelShape,
+    read_index,
+)
 
 __all__ = [
     "FORMAT",
     "INDEX_FILE",
+    "VERSION",
+    "BasisIndex",
     "CausalBasis",
     "layer_file",
     "load_bases",
@@ -42,9 +56,6 @@ __all__ = [
     "shipped_basis_dir",
 ]
 
-FORMAT = "lenskit-causal-basis"
-VERSION = 1
-INDEX_FILE = "basis.json"
 ORTHONORMAL_TOL = 1e-4
 _SHIPPED = {"smollm2-135m": "smollm2-135m"}  # model name -> folder under assets/causal_basis/
 _TENSORS = ("basis", "mean", "lens_influence", "train_influence", "model_influence")
@@ -292,17 +303,20 @@ class CausalBasis:
                 "the basis's settings lack its model or lens: extract it with "
                 "lenskit.causal.extraction.extract_causal_basis"
             )
-        index = (
-            read_index(target)
-            if (target / INDEX_FILE).is_file()
-            else {"format": FORMAT, "version": VERSION, **owner, "layers": {}}
+        shape = owner["model_shape"]
+        mine = BasisIndex(
+            model=owner["model"],
+            lens=LensRecord.from_dict(owner["lens"]),
+            model_shape=None if shape is None else ModelShape.from_dict(shape),
         )
-        for key, value in owner.items():
-            if index.get(key) != value:
+        index = read_index(target) if (target / INDEX_FILE).is_file() else mine
+        for key in ("model", "model_shape", "lens"):
+            theirs, ours = getattr(index, key), getattr(mine, key)
+            if theirs != ours:
                 raise LenskitError(
-                    f"{target} holds causal bases for {key} {index.get(key)!r}, not "
-                    f"{value!r}: give another folder (a basis folder never mixes models or "
-                    "lenses)"
+                    f"{target} holds causal bases for {key} {_plain(theirs)!r}, not "
+                    f"{_plain(ours)!r}: give another folder (a basis folder never mixes "
+                    "models or lenses)"
                 )
         from safetensors.torch import save as st_save
 
@@ -316,9 +330,8 @@ class CausalBasis:
             handle.write(st_save(tensors, metadata={"format": "pt", "layer": str(self.layer)}))
         entry = self.to_dict()
         del entry["basis"], entry["mean"], entry["layer"]
-        index["layers"][str(self.layer)] = {"file": file.name, "k": self.k, **entry}
-        index["layers"] = dict(sorted(index["layers"].items(), key=lambda kv: int(kv[0])))
-        atomic_write_json(target / INDEX_FILE, index)
+        record = LayerRecord.from_dict({"file": file.name, "k": self.k, **entry}, self.layer)
+        atomic_write_json(target / INDEX_FILE, index.with_layer(self.layer, record).to_dict())
         return file
 
     @classmethod
@@ -328,17 +341,19 @@ class CausalBasis:
         Raises:
             LenskitError: If the folder, the layer or its file is missing or corrupt.
         """
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise LenskitError(f"layer must be an integer >= 0, got {layer!r}: pass a block input")
         target = Path(folder).expanduser()
         index = read_index(target)
-        entry = index["layers"].get(str(layer))
+        entry = index.layers.get(layer)
         if entry is None:
-            have = ", ".join(index["layers"]) or "none"
+            have = ", ".join(map(str, index.layers)) or "none"
             raise LenskitError(
                 f"{target} has no causal basis for layer {layer} (layers: {have})"
                 f": extract it with `lenskit causal-basis --layer {layer} --out "
                 f"{target}`"
             )
-        file = target / str(entry.get("file", layer_file(layer)))
+        file = target / entry.file  # a plain name: the index cannot point elsewhere
         try:
             from safetensors.torch import load_file
 
@@ -346,10 +361,10 @@ class CausalBasis:
             return cls(
                 layer=int(layer),
                 **{name: tensors.get(name) for name in _TENSORS},
-                found_at=tuple(entry["found_at"]),
-                iterations=tuple(entry["iterations"]),
-                converged=tuple(entry["converged"]),
-                settings=entry["settings"],
+                found_at=entry.found_at,
+                iterations=entry.iterations,
+                converged=entry.converged,
+                settings=entry.settings,
             )
         except Exception as err:  # missing files, bad headers, truncated data, bad values
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
@@ -362,44 +377,12 @@ def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def read_index(folder: str | Path) -> dict[str, Any]:
-    """The ``basis.json`` index of a basis folder, checked.
-
-    Raises:
-        LenskitError: If the folder or its index is missing, unreadable or not a basis index.
-    """
-    target = Path(folder).expanduser()
-    if not target.is_dir():
-        raise LenskitError(
-            f"no causal basis folder at {target}: check the path, or extract "
-            f"one with `lenskit causal-basis --layer L --out {target}`"
-        )
-    file = target / INDEX_FILE
-    try:
-        index = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise LenskitError(
-            f"{target} has no {INDEX_FILE}: give a folder written by `lenskit causal-basis`"
-        ) from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LenskitError(
-            f"{file} is unreadable or not JSON ({type(err).__name__}): extract the basis again"
-        ) from err
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise LenskitError(
-            f"{file} is not a {FORMAT} index: give a folder written by `lenskit causal-basis`"
-        )
-    if index.get("version") != VERSION:
-        raise LenskitError(
-            f"{file} is version {index.get('version')!r} of the format; this "
-            f"lenskit reads version {VERSION}: extract the basis again"
-        )
-    if not isinstance(index.get("layers"), dict) or not isinstance(index.get("lens"), dict):
-        raise LenskitError(f"{file} lacks its layers or lens: extract the basis again")
-    return index
+def _plain(value: Any) -> Any:
+    """A record as JSON data, for messages."""
+    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def load_bases(folder: str | Path) -> dict[int, CausalBasis]:
     """Every layer of a basis folder, by layer."""
     index = read_index(folder)
-    return {int(layer): CausalBasis.load(folder, int(layer)) for layer in index["layers"]}
+    return {layer: CausalBasis.load(folder, layer) for layer in index.layers}

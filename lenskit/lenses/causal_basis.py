@@ -26,7 +26,13 @@ from torch import Tensor
 
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, register_lens
-from lenskit.lenses.basis import CausalBasis, load_bases, read_index, shipped_basis_dir
+from lenskit.lenses.basis import (
+    BasisIndex,
+    CausalBasis,
+    load_bases,
+    read_index,
+    shipped_basis_dir,
+)
 from lenskit.lenses.tuned import TunedLens, shipped_lens_dir
 from lenskit.models import ModelAdapter
 
@@ -56,6 +62,13 @@ class CausalBasisLens(Lens):
 
     description = "the tuned lens on the mean plus the span of a layer's top-k causal directions"
     objective = "kl_to_output_on_causal_subspace"
+    coverage = "the layers with an extracted basis, and the output row"
+    saved = "a folder with basis.json and layer_{L}.safetensors files"
+
+    @classmethod
+    def is_saved_lens(cls, path: Path) -> bool:
+        """Whether ``path`` is a folder with a ``basis.json``."""
+        return (path / "basis.json").is_file()
 
     def __init__(
         self,
@@ -165,8 +178,8 @@ class CausalBasisLens(Lens):
         return f"{super().extra_repr()}, layers={list(self.layers)}, k={k}"
 
 
-def _check_fits(index: dict[str, Any], adapter: ModelAdapter, folder: Path) -> None:
-    shape = index.get("model_shape") if isinstance(index.get("model_shape"), dict) else {}
+def _check_fits(index: BasisIndex, adapter: ModelAdapter, folder: Path) -> None:
+    shape = index.model_shape.to_dict() if index.model_shape is not None else {}
     ours = {"d_model": adapter.d_model, "n_layers": adapter.n_layers, "d_vocab": adapter.d_vocab}
     for key, have in ours.items():
         if shape.get(key) not in (None, have):
@@ -175,14 +188,14 @@ def _check_fits(index: dict[str, Any], adapter: ModelAdapter, folder: Path) -> N
                 f"{shape.get(key)}, {adapter.name} has {have}: "
                 f"{_hint(adapter.name)}"
             )
-    if index.get("model") != adapter.name:
+    if index.model != adapter.name:
         raise LenskitError(
-            f"the causal basis in {folder} is for {index.get('model')}, not "
+            f"the causal basis in {folder} is for {index.model}, not "
             f"{adapter.name}: {_hint(adapter.name)}"
         )
 
 
-def _tuned_lens(model: Any, tuned: Any, index: dict[str, Any], folder: Path) -> TunedLens:
+def _tuned_lens(model: Any, tuned: Any, index: BasisIndex, folder: Path) -> TunedLens:
     """The tuned lens: given, else the one the basis folder records."""
     if isinstance(tuned, TunedLens):
         if tuned.adapter.model is not model:
@@ -192,16 +205,16 @@ def _tuned_lens(model: Any, tuned: Any, index: dict[str, Any], folder: Path) -> 
         return tuned
     if tuned is not None:
         return TunedLens.load(model, tuned)
-    record = index["lens"]
-    if record.get("kind") != "tuned":
+    record = index.lens
+    if record.kind != "tuned":
         raise LenskitError(
             f"the causal basis in {folder} was extracted with the "
-            f"{record.get('kind')} lens, not a tuned lens: pass tuned=DIR"
+            f"{record.kind} lens, not a tuned lens: pass tuned=DIR"
         )
-    if record.get("shipped"):
+    if record.shipped:
         return TunedLens.from_model(model)
-    if not record.get("path"):
+    if not record.path:
         raise LenskitError(
             f"the causal basis in {folder} does not record where its tuned lens is: pass tuned=DIR"
         )
-    return TunedLens.load(model, record["path"])
+    return TunedLens.load(model, record.path)

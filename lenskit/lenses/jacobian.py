@@ -33,6 +33,7 @@ from torch import Tensor
 from lenskit.errors import LenskitError
 from lenskit.io import atomic_open
 from lenskit.lenses.base import Lens, register_lens
+from lenskit.lenses.jacobian_info import JLensInfo
 from lenskit.models import DEFAULT_MODEL, ModelAdapter
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ __all__ = [
     "JLens",
     "fit_hint",
     "lenskit_metadata",
+    "read_info",
     "resolve_path",
     "shipped_jlens_path",
 ]
@@ -106,22 +108,31 @@ def _model_names(model: Any, adapter: ModelAdapter) -> set[str]:
     )
 
 
+def read_info(tl: TLJacobianLens, where: str) -> JLensInfo:
+    """The checked header of ``tl`` (prompt count, layers, metadata), or a one-line error."""
+    try:
+        return JLensInfo.from_tl(tl)
+    except LenskitError as err:
+        raise LenskitError(
+            f"the J-lens in {where} has a bad header ({err}): copy it again or refit it"
+        ) from err
+
+
 def _check_fits(tl: TLJacobianLens, model: Any, adapter: ModelAdapter, where: str) -> None:
-    """Refuse a lens fitted for another model, with one line naming the mismatch."""
+    """Refuse a bad header, or a lens fitted for another model, with one line."""
+    info = read_info(tl, where)
     ours = f"this model ({adapter.name})"
     fix = "use a J-lens fitted for this model"
-    if tl.d_model != adapter.d_model:
+    if info.d_model != adapter.d_model:
         raise LenskitError(
-            f"the J-lens in {where} was fitted for d_model {tl.d_model}, "
+            f"the J-lens in {where} was fitted for d_model {info.d_model}, "
             f"{ours} has {adapter.d_model}: {fix}"
         )
-    meta = tl.metadata
-    extra = meta.get("lenskit") if isinstance(meta.get("lenskit"), dict) else {}
-    target = meta.get("target_layer")
+    record = info.lenskit
     recorded = {
-        "layers": extra.get("n_layers"),
-        "d_vocab": extra.get("d_vocab"),
-        "target": target + 1 if isinstance(target, int) else None,
+        "layers": record.n_layers if record is not None else None,
+        "d_vocab": record.d_vocab if record is not None else None,
+        "target": info.target_layer + 1 if info.target_layer is not None else None,
     }
     for key, value in recorded.items():
         have = adapter.d_vocab if key == "d_vocab" else adapter.n_layers
@@ -131,15 +142,15 @@ def _check_fits(tl: TLJacobianLens, model: Any, adapter: ModelAdapter, where: st
                 f"the J-lens in {where} was fitted for a model with {what}, "
                 f"{ours} has {have}: {fix}"
             )
-    bad = [layer for layer in tl.source_layers if not 0 <= layer < adapter.n_layers - 1]
+    bad = [layer for layer in info.source_layers if not 0 <= layer < adapter.n_layers - 1]
     if bad:
         raise LenskitError(
             f"the J-lens in {where} has matrices for block outputs {bad[:3]}, "
             f"outside 0..{adapter.n_layers - 2} of {ours}: {fix}"
         )
-    theirs = _names(extra.get("model"), meta.get("model_name"))
+    theirs = _names(record.model if record is not None else None, info.model_name)
     if theirs and not theirs & _model_names(model, adapter):
-        name = extra.get("model") or meta.get("model_name")
+        name = (record.model if record is not None else None) or info.model_name
         raise LenskitError(f"the J-lens in {where} was fitted for {name}, not {ours}: {fix}")
     for layer, matrix in tl.jacobians.items():
         if not bool(torch.isfinite(matrix).all()):
@@ -158,6 +169,18 @@ class JLens(Lens):
     """
 
     description = "the average Jacobian of the final residual, then the final norm and unembedding"
+    objective = "average_jacobian"  # fitted as a mean Jacobian, not to match the output
+    coverage = "block outputs (L1 on) and the output row; L0 is no block's output"
+    note = (
+        "J-lens: an average Jacobian, fitted without a KL objective (not trained to "
+        "minimise KL to the model's output); layers without a fitted matrix are NaN"
+    )
+    saved = "a TransformerLens JacobianLens file (*.pt), or a folder with lens.pt"
+
+    @classmethod
+    def is_saved_lens(cls, path: Path) -> bool:
+        """Whether ``path`` is a ``*.pt`` file or a folder with ``lens.pt``."""
+        return (path.suffix == ".pt" and path.is_file()) or (path / "lens.pt").is_file()
 
     def __init__(
         self, adapter: ModelAdapter, tl: TLJacobianLens, *, source: str | None = None

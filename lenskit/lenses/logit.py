@@ -23,6 +23,7 @@ class LogitLens(Lens):
     """
 
     description = "the model's final norm and unembedding applied to every layer"
+    objective = "none"  # no parameters: the model's own final norm and unembedding
 
     @classmethod
     def from_model(cls, model: Any, **options: Any) -> LogitLens:
@@ -32,6 +33,16 @@ class LogitLens(Lens):
                 f"the logit lens takes no options, got {', '.join(sorted(options))}: drop them"
             )
         return cls(ModelAdapter(model))
+
+    def covers_point(self, layer: int, point: str) -> bool:
+        """Every row, the stream between attention and MLP included."""
+        return 0 <= layer <= self.adapter.n_layers
+
+    def transform_mid(
+        self, h: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch d_model"]:
+        """The identity: ``L12.mid`` rows are read as they are."""
+        return h
 
     def transform_hidden(
         self, h: Float[Tensor, "*batch d_model"], layer: int

@@ -9,6 +9,13 @@ with ``config.json`` (``base_model_name_or_path``, ``d_model``, ``num_hidden_lay
 ``bias``, ``lens_type``; lenskit adds a ``lenskit`` entry with the vocabulary size and
 how the lens was trained) and ``params.pt``, the translators' state dict with keys
 ``0.weight``, ``0.bias``, ``1.weight``, ... (``params.safetensors`` is read too).
+
+A lens can also read the stream between attention and MLP (rows ``L12.mid``): it
+then has a second translator per block, saved as ``mid.0.weight``, ``mid.0.bias``, ...,
+and its ``config.json`` records the points it reads under ``lenskit.points``
+(``["resid_pre", "resid_mid"]``). A lens without them refuses ``.mid`` rows in one
+line. ``path="hub"`` loads the lens the tuned-lens project publishes for the model
+(see :mod:`lenskit.lenses.hub`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from lenskit import models
 from lenskit.errors import LenskitError
 from lenskit.io import atomic_open, atomic_torch_save, atomic_write_json
 from lenskit.lenses.base import Lens, register_lens
+from lenskit.lenses.tuned_config import LENS_TYPE, LenskitRecord, TunedLensConfig
 from lenskit.models import DEFAULT_MODEL, ModelAdapter
 
 __all__ = [
@@ -35,10 +43,10 @@ __all__ = [
     "PARAMS_PT",
     "PARAMS_SAFETENSORS",
     "TunedLens",
+    "TunedLensConfig",
     "shipped_lens_dir",
 ]
 
-LENS_TYPE = "linear_tuned_lens"
 CONFIG_FILE = "config.json"
 PARAMS_PT = "params.pt"
 PARAMS_SAFETENSORS = "params.safetensors"
@@ -67,6 +75,13 @@ class TunedLens(Lens):
     """
 
     description = "a learned affine translator per layer before the final norm and unembedding"
+    objective = "kl_to_output"  # trained to minimise KL to the model's output
+    saved = "a folder with config.json and params.pt (or params.safetensors)"
+
+    @classmethod
+    def is_saved_lens(cls, path: Path) -> bool:
+        """Whether ``path`` is a folder with a ``config.json``."""
+        return (path / "config.json").is_file()
 
     def __init__(
         self,
@@ -74,6 +89,7 @@ class TunedLens(Lens):
         *,
         dtype: torch.dtype | None = None,
         info: dict[str, Any] | None = None,
+        points: tuple[str, ...] = ("resid_pre",),
     ) -> None:
         super().__init__(adapter)
         w_u = adapter.W_U
@@ -85,8 +101,17 @@ class TunedLens(Lens):
                 for _ in range(adapter.n_layers)
             ]
         )
+        self.points = _check_points(points, adapter)
+        self.mid_translators: torch.nn.ModuleList | None = None
+        if "resid_mid" in self.points:
+            self.mid_translators = torch.nn.ModuleList(
+                [
+                    torch.nn.Linear(d, d, bias=True, dtype=dtype, device=w_u.device)
+                    for _ in range(adapter.n_layers)
+                ]
+            )
         with torch.no_grad():
-            for translator in self.translators:
+            for translator in self.all_translators():
                 translator.weight.zero_()
                 translator.bias.zero_()
         self.info: dict[str, Any] = dict(info or {})
@@ -109,6 +134,10 @@ class TunedLens(Lens):
             raise LenskitError(
                 f"the tuned lens takes only path=, got {', '.join(sorted(options))}: drop them"
             )
+        if path == "hub":
+            from lenskit.lenses import hub
+
+            return hub.load_hub_lens(cls, model)
         adapter = ModelAdapter(model)
         if path is None:
             shipped = shipped_lens_dir(adapter.name)
@@ -126,9 +155,18 @@ class TunedLens(Lens):
         return cls.load(model, path)
 
     @classmethod
-    def untrained(cls, model: Any, *, dtype: torch.dtype | None = None) -> TunedLens:
-        """A tuned lens with zero translators: exactly the logit lens, the start of training."""
-        return cls(ModelAdapter(model), dtype=dtype)
+    def untrained(
+        cls,
+        model: Any,
+        *,
+        dtype: torch.dtype | None = None,
+        points: tuple[str, ...] = ("resid_pre",),
+    ) -> TunedLens:
+        """A tuned lens with zero translators: exactly the logit lens, the start of training.
+
+        ``points=("resid_pre", "resid_mid")`` adds translators for the ``L12.mid`` rows.
+        """
+        return cls(ModelAdapter(model), dtype=dtype, points=points)
 
     @classmethod
     def load(cls, model: Any, path: str | Path) -> TunedLens:
@@ -148,39 +186,85 @@ class TunedLens(Lens):
         adapter = ModelAdapter(model)
         config = _read_config(folder)
         _check_fits(config, adapter, folder)
-        state = _read_params(folder, adapter.n_layers, adapter.d_model, bool(config["bias"]))
-        extra = config.get("lenskit") if isinstance(config.get("lenskit"), dict) else {}
-        info = {k: v for k, v in extra.items() if k not in ("model", "d_vocab", "architecture")}
-        lens = cls(adapter, info=info)
+        extra = config.lenskit.to_dict() if config.lenskit is not None else {}
+        points = _config_points(extra, folder)
+        state = _read_params(
+            folder,
+            adapter.n_layers,
+            adapter.d_model,
+            config.bias,
+            prefixes=("", "mid.") if "resid_mid" in points else ("",),
+        )
+        skip = ("model", "d_vocab", "architecture", "points")
+        info = {k: v for k, v in extra.items() if k not in skip}
+        lens = cls(adapter, info=info, points=points)
         ref = lens.translators[0].weight
         with torch.no_grad():
-            for i, translator in enumerate(lens.translators):
-                translator.weight.copy_(state[f"{i}.weight"].to(ref))
-                translator.bias.copy_(state[f"{i}.bias"].to(ref))
+            for key in lens.translator_state():
+                lens._translator_tensor(key).copy_(state[key].to(ref))
         lens.source = str(folder)
         return lens
 
+    def config(self) -> TunedLensConfig:
+        """The ``config.json`` record of this lens."""
+        info = {k: v for k, v in self.info.items() if k not in LenskitRecord.FIELDS}
+        return TunedLensConfig(
+            base_model_name_or_path=_base_model_name(self.adapter),
+            d_model=self.adapter.d_model,
+            num_hidden_layers=self.adapter.n_layers,
+            bias=True,
+            unembed_hash=_unembed_hash(self.adapter),
+            lens_type=LENS_TYPE,
+            lenskit=LenskitRecord(
+                model=self.adapter.name,
+                d_vocab=self.adapter.d_vocab,
+                architecture=self.adapter.architecture,
+                info={**info, "points": list(self.points)},
+            ),
+        )
+
     def config_dict(self) -> dict[str, Any]:
         """The ``config.json`` contents, in the tuned-lens package's keys."""
-        return {
-            "base_model_name_or_path": _base_model_name(self.adapter),
-            "d_model": self.adapter.d_model,
-            "num_hidden_layers": self.adapter.n_layers,
-            "bias": True,
-            "base_model_revision": None,
-            "unembed_hash": None,
-            "lens_type": LENS_TYPE,
-            "lenskit": {
-                "model": self.adapter.name,
-                "d_vocab": self.adapter.d_vocab,
-                "architecture": self.adapter.architecture,
-                **self.info,
-            },
-        }
+        return self.config().to_dict()
+
+    def all_translators(self) -> list[torch.nn.Linear]:
+        """Every translator: block inputs, then (where the lens has them) ``resid_mid`` rows."""
+        mids = list(self.mid_translators) if self.mid_translators is not None else []
+        return [*self.translators, *mids]
 
     def translator_state(self) -> dict[str, Tensor]:
-        """The translators' state dict, keys ``0.weight``, ``0.bias``, ... (detached copies)."""
-        return {k: v.detach().clone() for k, v in self.translators.state_dict().items()}
+        """The translators' state dict, keys ``0.weight``, ``0.bias``, ... (detached copies).
+
+        Translators of ``resid_mid`` rows follow as ``mid.0.weight``, ``mid.0.bias``, ...
+        """
+        state = {k: v.detach().clone() for k, v in self.translators.state_dict().items()}
+        if self.mid_translators is not None:
+            mids = self.mid_translators.state_dict().items()
+            state |= {f"mid.{k}": v.detach().clone() for k, v in mids}
+        return state
+
+    def _translator_tensor(self, key: str) -> Tensor:
+        """The parameter behind a :meth:`translator_state` key."""
+        mid = key.startswith("mid.")
+        modules = self.mid_translators if mid else self.translators
+        index, _, name = key.removeprefix("mid.").partition(".")
+        return getattr(modules[int(index)], name)  # type: ignore[index]
+
+    def covers_point(self, layer: int, point: str) -> bool:
+        """Block inputs and the output always; ``resid_mid`` where the lens has translators."""
+        if point == "resid_mid":
+            return self.mid_translators is not None and 0 <= layer < self.adapter.n_layers
+        return self.covers(layer)
+
+    def transform_mid(
+        self, h: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch d_model"]:
+        """``h + W h + b`` with block ``layer``'s ``resid_mid`` translator."""
+        if self.mid_translators is None or not 0 <= layer < self.adapter.n_layers:
+            return super().transform_mid(h, layer)
+        translator = self.mid_translators[layer]
+        x = h.to(translator.weight.dtype)
+        return (x + translator(x)).to(h.dtype)
 
     def save(
         self, path: str | Path, *, dtype: torch.dtype | None = None, safetensors: bool = False
@@ -229,6 +313,36 @@ class TunedLens(Lens):
         return (x + translator(x)).to(h.dtype)
 
 
+def _unembed_hash(adapter: ModelAdapter) -> str:
+    """The tuned-lens package's fingerprint of the model's unembedding (see lenses.hub)."""
+    from lenskit.lenses.hub import unembed_hash
+
+    return unembed_hash(adapter.W_U)
+
+
+def _check_points(points: Any, adapter: ModelAdapter) -> tuple[str, ...]:
+    """The lens's row points in stream order, or a one-line error."""
+    if isinstance(points, str) or not all(isinstance(p, str) for p in points):
+        raise LenskitError(f"points must be a list of point names, got {points!r}")
+    rows = adapter.rows(tuple(points))  # unknown points, or resid_mid where there is none
+    return tuple(dict.fromkeys(r.point for r in rows[:-1]))
+
+
+def _config_points(extra: dict[str, Any], folder: Path) -> tuple[str, ...]:
+    """The row points a lens folder records (block inputs only where it records none)."""
+    points = extra.get("points", ["resid_pre"])
+    if (
+        not isinstance(points, list)
+        or "resid_pre" not in points
+        or not set(points) <= {"resid_pre", "resid_mid"}
+    ):
+        raise LenskitError(
+            f"{folder / CONFIG_FILE} records points {points!r}: it must list resid_pre and "
+            "optionally resid_mid; retrain the lens"
+        )
+    return tuple(points)
+
+
 def _base_model_name(adapter: ModelAdapter) -> str:
     """The model's hub id where known (a local folder's path would mean nothing elsewhere)."""
     if adapter.name == DEFAULT_MODEL:
@@ -237,7 +351,7 @@ def _base_model_name(adapter: ModelAdapter) -> str:
     return adapter.name if Path(name).is_absolute() else name
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path) -> TunedLensConfig:
     if not folder.is_dir():
         raise LenskitError(
             f"no tuned lens folder at {folder}: check the path, or {_train_hint('MODEL')}"
@@ -249,36 +363,27 @@ def _read_config(folder: Path) -> dict[str, Any]:
             "`lenskit train` or the tuned-lens package"
         )
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise LenskitError(
             f"{file} is unreadable or not JSON ({type(err).__name__}): "
             "copy the lens again or retrain it"
         ) from err
-    if not isinstance(config, dict):
-        raise LenskitError(f"{file} is not a JSON object: copy the lens again or retrain it")
-    missing = [k for k in ("d_model", "num_hidden_layers") if not isinstance(config.get(k), int)]
-    if missing:
+    try:
+        return TunedLensConfig.from_dict(data)
+    except LenskitError as err:
         raise LenskitError(
-            f"{file} lacks integer {', '.join(missing)}: give a tuned-lens config.json"
-        )
-    lens_type = config.setdefault("lens_type", LENS_TYPE)
-    if lens_type != LENS_TYPE:
-        raise LenskitError(
-            f"the lens in {folder} is a {lens_type!r}, not a {LENS_TYPE!r}: "
-            "lenskit reads only linear tuned lenses"
-        )
-    config.setdefault("bias", True)
-    return config
+            f"{file} is not a valid tuned-lens config ({err}): give a tuned-lens config.json, "
+            "or copy the lens again"
+        ) from err
 
 
-def _check_fits(config: dict[str, Any], adapter: ModelAdapter, folder: Path) -> None:
+def _check_fits(config: TunedLensConfig, adapter: ModelAdapter, folder: Path) -> None:
     ours = {"d_model": adapter.d_model, "layers": adapter.n_layers, "d_vocab": adapter.d_vocab}
-    extra = config.get("lenskit")
     theirs = {
-        "d_model": config["d_model"],
-        "layers": config["num_hidden_layers"],
-        "d_vocab": extra.get("d_vocab") if isinstance(extra, dict) else None,
+        "d_model": config.d_model,
+        "layers": config.num_hidden_layers,
+        "d_vocab": config.lenskit.d_vocab if config.lenskit is not None else None,
     }
     for key, value in theirs.items():
         if value is not None and value != ours[key]:
@@ -311,13 +416,15 @@ def _load_state(folder: Path) -> tuple[Path, Any]:
         ) from err
 
 
-def _read_params(folder: Path, n_layers: int, d_model: int, bias: bool) -> dict[str, Tensor]:
+def _read_params(
+    folder: Path, n_layers: int, d_model: int, bias: bool, prefixes: tuple[str, ...] = ("",)
+) -> dict[str, Tensor]:
     file, state = _load_state(folder)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise LenskitError(f"{file} is not a state dict of tensors: give a tuned-lens params file")
     state = {str(k): v for k, v in state.items()}
-    shapes = {f"{i}.weight": (d_model, d_model) for i in range(n_layers)}
-    shapes |= {f"{i}.bias": (d_model,) for i in range(n_layers)}
+    shapes = {f"{p}{i}.weight": (d_model, d_model) for p in prefixes for i in range(n_layers)}
+    shapes |= {f"{p}{i}.bias": (d_model,) for p in prefixes for i in range(n_layers)}
     if not bias:  # a lens saved without biases reads as zero biases
         state |= {k: torch.zeros(s) for k, s in shapes.items() if k.endswith(".bias")}
     missing = [k for k in shapes if k not in state]

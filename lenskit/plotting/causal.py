@@ -9,7 +9,16 @@ import plotly.graph_objects as go
 
 from lenskit.errors import LenskitError
 from lenskit.lenses.basis import CausalBasis
-from lenskit.plotting.style import PALETTE, TEMPLATE, display_token
+from lenskit.plotting.style import (
+    FIGURE_WIDTH,
+    LABEL_PX,
+    PALETTE,
+    TEMPLATE,
+    TOKEN_KEY,
+    display_token,
+    label_chars,
+    log_ticks,
+)
 
 __all__ = ["direction_tokens_plot", "influence_plot"]
 
@@ -68,7 +77,7 @@ def influence_plot(basis: CausalBasis, *, title: str | None = None) -> go.Figure
         yaxis={
             "title_text": "KL of the ablated output, bits per token",
             "type": "log",
-            **_log_ticks([v for t in series.values() for v in t.tolist() if v > 0]),
+            **log_ticks([v for t in series.values() for v in t.tolist()]),
         },
         width=760,
         height=440,
@@ -77,20 +86,9 @@ def influence_plot(basis: CausalBasis, *, title: str | None = None) -> go.Figure
     return fig
 
 
-def _log_ticks(values: list[float]) -> dict:
-    """Ticks 1, 2, 5 (or 1..9 over a narrow range) times powers of ten, written in full."""
-    if not values:
-        return {}
-    lo, hi = min(values) / 1.25, max(values) * 1.25
-    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-    for mantissas in ((1, 2, 5), range(1, 10)):
-        ticks = [m * 10.0**e for e in decades for m in mantissas if lo <= m * 10.0**e <= hi]
-        if len(ticks) >= 3:
-            break
-    return {"tickmode": "array", "tickvals": ticks, "ticktext": [f"{t:.3g}" for t in ticks]}
-
-
-def direction_tokens_plot(frame: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+def direction_tokens_plot(
+    frame: pd.DataFrame, *, title: str | None = None, width: int = FIGURE_WIDTH
+) -> go.Figure:
     """For each direction, the tokens it promotes (right) and suppresses (left).
 
     One row per direction; cells hold a token, coloured by the change of its logit per unit
@@ -101,6 +99,7 @@ def direction_tokens_plot(frame: pd.DataFrame, *, title: str | None = None) -> g
         frame: Columns ``direction``, ``side`` (``promotes`` / ``suppresses``), ``rank``,
             ``token`` and ``logit_change``.
         title: Figure title.
+        width: Figure width in pixels; tokens are shortened to fit their cells at 11 px.
 
     Returns:
         The figure: one heatmap trace.
@@ -119,6 +118,8 @@ def direction_tokens_plot(frame: pd.DataFrame, *, title: str | None = None) -> g
     directions = sorted(frame["direction"].unique().tolist())
     top = int(frame["rank"].max())
     columns = [-r for r in range(top, 0, -1)] + list(range(1, top + 1))
+    cell_w = min(110.0, (width - 190) / len(columns))
+    chars = label_chars(cell_w)
     z = [[math.nan] * len(columns) for _ in directions]
     text = [[""] * len(columns) for _ in directions]
     hover = [[""] * len(columns) for _ in directions]
@@ -126,7 +127,7 @@ def direction_tokens_plot(frame: pd.DataFrame, *, title: str | None = None) -> g
         r = directions.index(row.direction)
         c = columns.index(row.rank if row.side == "promotes" else -row.rank)
         z[r][c] = float(row.logit_change)
-        text[r][c] = display_token(row.token, 12)
+        text[r][c] = display_token(row.token, chars)
         hover[r][c] = (
             f"direction {row.direction} {row.side} {display_token(row.token, 40)}"
             f"<br>logit change {float(row.logit_change):+.3g} per unit step"
@@ -139,6 +140,7 @@ def direction_tokens_plot(frame: pd.DataFrame, *, title: str | None = None) -> g
             y=[f"dir {d}" for d in directions],
             text=text,
             texttemplate="%{text}",
+            textfont={"size": LABEL_PX},
             customdata=hover,
             hovertemplate="%{customdata}<extra></extra>",
             colorscale=[[0.0, PALETTE[1]], [0.5, "#ffffff"], [1.0, PALETTE[0]]],
@@ -158,15 +160,17 @@ def direction_tokens_plot(frame: pd.DataFrame, *, title: str | None = None) -> g
             f" · {attrs.get('model', '')}"
         ),
         xaxis={
-            "title_text": "← suppressed (rank)   |   promoted (rank) →",
+            "title_text": f"← suppressed (rank)   |   promoted (rank) →   (tokens: {TOKEN_KEY})",
             "side": "bottom",
             "tickmode": "array",
             "tickvals": [str(c) for c in columns],
             "ticktext": [str(abs(c)) for c in columns],
             "showgrid": False,
+            "tickfont": {"size": LABEL_PX},
         },
-        yaxis={"autorange": "reversed", "showgrid": False},
-        width=max(640, 90 * len(columns) + 160),
-        height=max(300, 40 * len(directions) + 160),
+        yaxis={"autorange": "reversed", "showgrid": False, "tickfont": {"size": LABEL_PX}},
+        width=math.ceil(190 + cell_w * len(columns)),
+        height=max(300, 34 * len(directions) + 170),
+        margin={"l": 70, "r": 120},
     )
     return fig

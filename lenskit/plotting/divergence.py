@@ -18,7 +18,14 @@ from lenskit.plotting.grid import (
     grid_axes,
     heatmap_trace,
 )
-from lenskit.plotting.style import display_token, grid_size, select_positions, select_rows
+from lenskit.plotting.style import (
+    FIGURE_WIDTH,
+    coverage_note,
+    display_token,
+    grid_size,
+    select_positions,
+    select_rows,
+)
 
 __all__ = ["divergence_heatmap"]
 
@@ -32,6 +39,7 @@ def divergence_heatmap(
     layer_stride: int = 1,
     token_range: tuple[int, int] | slice | None = None,
     title: str | None = None,
+    width: int = FIGURE_WIDTH,
 ) -> go.Figure:
     """Heatmap of how far two lenses disagree at each (layer, position) cell.
 
@@ -46,15 +54,16 @@ def divergence_heatmap(
         layer_stride: Show every n-th row (the output row is always shown).
         token_range: Positions to show: ``(start, stop)`` (half-open) or a slice.
         title: Figure title.
+        width: Figure width in pixels; cells and labels are sized for it.
 
     Returns:
         The figure.
     """
     values = div.measure(measure).double().numpy()
-    rows = select_rows(div.n_layers, layer_stride)
+    rows = select_rows(div.layer_labels, layer_stride)
     cols = select_positions(len(div.tokens), token_range)
     div.cells.check_shown(rows, cols, "divergence")
-    size = grid_size(len(rows), len(cols))
+    size = grid_size(len(rows), len(cols), width=width)
     shown = values[np.ix_(rows, cols)]
     text = [["" if math.isnan(v) else f"{v:.2f}" for v in row] for row in shown.tolist()]
     hover = []
@@ -96,22 +105,17 @@ def divergence_heatmap(
             hover,
             template,
             cols,
-            show_text=bool(size["show_text"]),
+            show_text=bool(size["show_text"]) and int(size["text_chars"]) >= 4,
             xgap=int(size["xgap"]),
         )
     )
+    note = coverage_note([div.layer_labels[r] for r in rows], [bool(div.covered[r]) for r in rows])
     fig.update_layout(
         coloraxis=color_axis(spec, [shown], _DIVERGENCE_SCALE),
-        title_text=title or f"{spec.label}: {div.lens_a} vs {div.lens_b} lens · {div.model_name}",
+        title_text=title
+        or f"{spec.label}: {div.lens_a} vs {div.lens_b} lens · {div.model_name}"
+        + (f"<br><sup>both lenses: {note} (grey rows)</sup>" if note else ""),
     )
-    grid_axes(
-        fig,
-        div.layer_labels,
-        div.covered.tolist(),
-        div.tokens,
-        rows,
-        cols,
-        size,
-        [(f"{div.lens_a} or {div.lens_b}", div.covered.tolist())],
-    )
+    grid_axes(fig, div.layer_labels, div.tokens, rows, cols, size, [""])
+    fig.layout.yaxis.title.text = "layer"
     return fig

@@ -1,4 +1,9 @@
-"""Shared pieces of the layer x position heatmaps: colour axes, ticks, hover formats."""
+"""Shared pieces of the layer x position heatmaps: panels, colour axes, ticks, hover formats.
+
+A figure holds one or more panels stacked at full width, all on the one x axis (the
+input positions), each with its own y axis (the rows); hovering a cell shows the same
+cell of every panel, and an optional invisible marker layer makes cells clickable.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,24 @@ from dataclasses import dataclass
 import numpy as np
 import plotly.graph_objects as go
 
-from lenskit.plotting.style import MISSING_COLOR, TEMPLATE, display_token
+from lenskit.plotting.style import LABEL_PX, MISSING_COLOR, TEMPLATE, TOKEN_KEY, display_token
 
 __all__ = [
     "NA",
+    "SELECT_COLOR",
     "Statistic",
+    "axis_name",
+    "click_layer",
     "color_axis",
     "field",
     "fmt_bits",
     "fmt_prob",
     "grid_axes",
     "heatmap_trace",
+    "mark_cell",
 ]
+
+SELECT_COLOR = "#D55E00"  # the outline of the chosen cell (Okabe-Ito vermillion)
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,11 @@ def field(i: int) -> str:
     return f"%{{customdata[{i}]}}"
 
 
+def axis_name(panel: int) -> str:
+    """The y axis of panel ``panel`` (0 = top): ``y``, ``y2``, ..."""
+    return "y" if panel == 0 else f"y{panel + 1}"
+
+
 def heatmap_trace(
     values: np.ndarray,
     text: list[list[str]],
@@ -70,6 +86,7 @@ def heatmap_trace(
     show_text: bool,
     xgap: int = 1,
     name: str | None = None,
+    panel: int = 0,
 ) -> go.Heatmap:
     """A layer x position heatmap trace; row ``i`` of ``values`` is drawn at ``y = i``.
 
@@ -85,9 +102,10 @@ def heatmap_trace(
         show_text: Whether to draw the cell labels.
         xgap: Pixels between columns.
         name: Trace name.
+        panel: The panel (0 = top) whose y axis the trace uses.
 
     Returns:
-        The trace, on the shared ``coloraxis``.
+        The trace, on the shared ``coloraxis`` and the shared x axis.
     """
     return go.Heatmap(
         x=np.asarray(cols),
@@ -96,13 +114,54 @@ def heatmap_trace(
         text=np.array(text, dtype=str),
         customdata=np.array(hover, dtype=str),
         texttemplate="%{text}" if show_text else None,
-        textfont={"size": 10},
+        textfont={"size": LABEL_PX},
         hovertemplate=template,
         coloraxis="coloraxis",
         xgap=xgap,
         ygap=1,
         name=name,
+        xaxis="x",
+        yaxis=axis_name(panel),
     )
+
+
+def click_layer(n_rows: int, cols: list[int], panel: int, name: str) -> go.Scatter:
+    """Invisible markers on every cell of a panel, so a click reports its cell.
+
+    Heatmap cells send no selection events to a host page (Streamlit's ``on_select``);
+    markers do: a click selects the marker at the cell's centre, ``x`` = the position
+    and ``y`` = the row's index among the shown rows.
+    """
+    xs, ys = np.meshgrid(np.asarray(cols), np.arange(n_rows))
+    return go.Scatter(
+        x=xs.ravel(),
+        y=ys.ravel(),
+        mode="markers",
+        marker={"symbol": "square", "size": 12, "opacity": 0},
+        selected={"marker": {"opacity": 0}},
+        unselected={"marker": {"opacity": 0}},
+        hoverinfo="none",
+        showlegend=False,
+        name=f"{name} cells",
+        xaxis="x",
+        yaxis=axis_name(panel),
+    )
+
+
+def mark_cell(fig: go.Figure, x: int, y: int, panels: int) -> None:
+    """Outline the cell at position ``x`` and shown row ``y`` in every panel."""
+    for panel in range(panels):
+        fig.add_shape(
+            type="rect",
+            x0=x - 0.5,
+            x1=x + 0.5,
+            y0=y - 0.5,
+            y1=y + 0.5,
+            xref="x",
+            yref=axis_name(panel),
+            line={"color": SELECT_COLOR, "width": 3},
+            fillcolor="rgba(0,0,0,0)",
+        )
 
 
 def color_axis(spec: Statistic, values: list[np.ndarray], colorscale: str) -> dict:
@@ -111,7 +170,14 @@ def color_axis(spec: Statistic, values: list[np.ndarray], colorscale: str) -> di
     top = max((float(v.max()) for v in finite if v.size), default=1.0)
     axis: dict = {
         "colorscale": colorscale,
-        "colorbar": {"title": {"text": spec.label, "side": "right"}},
+        "colorbar": {
+            "title": {"text": spec.label, "side": "right"},
+            "len": 1.0,
+            "lenmode": "fraction",
+            "y": 1.0,
+            "yanchor": "top",
+            "thickness": 14,
+        },
     }
     if spec.fixed is not None:
         axis["cmin"], axis["cmax"] = spec.fixed
@@ -127,58 +193,98 @@ def color_axis(spec: Statistic, values: list[np.ndarray], colorscale: str) -> di
 def grid_axes(
     fig: go.Figure,
     labels: Sequence[str],
-    covered: Sequence[bool],
     tokens: Sequence[str],
     rows: list[int],
     cols: list[int],
     size: dict,
-    panels: Sequence[tuple[str, Sequence[bool]]],
+    titles: Sequence[str],
 ) -> None:
-    """Ticks (tokens, layer labels), sizing, and a note on each panel's uncovered rows."""
+    """Stack the panels: row labels on each, input tokens under each, a title above each.
+
+    The last panel's tokens are the x axis's tick labels; the panels above it get the
+    same labels as a row of text under them. Tokens and cells show ``·`` for a space and
+    ``↵`` for a newline (the x axis title says so).
+
+    Args:
+        fig: The figure, its traces already on the panels' axes.
+        labels: Every row's label (``L0`` ... ``output``).
+        tokens: Every position's input token.
+        rows: The shown rows.
+        cols: The shown positions.
+        size: :func:`lenskit.plotting.style.grid_size` of the figure.
+        titles: One title per panel (top first); ``""`` for none.
+    """
+    panels = len(titles)
     step = int(size["tick_step"])
     shown = cols[::step]
-    ticktext = [display_token(tokens[p]) for p in shown]
-    longest = max(len(display_token(tokens[p], escape=False)) for p in shown)
-    room = size["cell_w"] * step
-    angle = 0 if longest * 7.5 <= room else (-45 if room >= 20 else -90)
+    ticktext = [display_token(tokens[p], int(size["tick_chars"])) for p in shown]
     fig.update_xaxes(
         tickmode="array",
         tickvals=shown,
         ticktext=ticktext,
         showgrid=False,
         zeroline=False,
-        tickangle=angle,
-        tickfont={"size": 11},
-        title_text="input token",
+        tickangle=0,
+        tickfont={"size": LABEL_PX},
+        title_text=f"input token ({TOKEN_KEY})",
+        range=[cols[0] - 0.5, cols[-1] + 0.5],
+        anchor=axis_name(panels - 1),
     )
-    ylabels = [labels[r] if covered[r] else f"{labels[r]} (not covered)" for r in rows]
-    fig.update_yaxes(
-        tickmode="array",
-        tickvals=list(range(len(rows))),
-        ticktext=ylabels,
-        showgrid=False,
-        zeroline=False,
-        tickfont={"size": 11},
-    )
-    fig.layout.yaxis.title.text = "layer"  # the first (left) panel only
-    for i, (name, panel_covered) in enumerate(panels, start=1):
-        axis = "" if i == 1 else str(i)
-        for y, row in enumerate(rows):
-            if not panel_covered[row]:
+    plot_h = panels * size["panel_h"] + (panels - 1) * size["gap"]
+    ylabels = [labels[r] for r in rows]
+    for panel, title in enumerate(titles):
+        top = panel * (size["panel_h"] + size["gap"])
+        domain = [1 - (top + size["panel_h"]) / plot_h, 1 - top / plot_h]
+        name = "yaxis" if panel == 0 else f"yaxis{panel + 1}"
+        fig.layout[name] = {
+            "domain": domain,
+            "tickmode": "array",
+            "tickvals": list(range(len(rows))),
+            "ticktext": ylabels,
+            "range": [-0.5, len(rows) - 0.5],
+            "showgrid": False,
+            "zeroline": False,
+            "tickfont": {"size": LABEL_PX},
+            "anchor": "x",
+        }
+        ref = f"{axis_name(panel)} domain"
+        if title:
+            fig.add_annotation(
+                x=0,
+                y=1,
+                xref="paper",
+                yref=ref,
+                yshift=4,
+                xanchor="left",
+                yanchor="bottom",
+                text=title,
+                showarrow=False,
+                font={"size": 13},
+            )
+        if panel < panels - 1:  # the tokens under every panel but the last (its axis ticks)
+            for pos, text in zip(shown, ticktext, strict=True):
                 fig.add_annotation(
-                    x=(cols[0] + cols[-1]) / 2,
-                    y=y,
-                    xref=f"x{axis}",
-                    yref=f"y{axis}",
-                    text=f"not covered by the {name} lens",
+                    x=pos,
+                    y=0,
+                    xref="x",
+                    yref=ref,
+                    yshift=-3,
+                    yanchor="top",
+                    text=text,
                     showarrow=False,
-                    font={"size": 11, "color": "#555555"},
+                    font={"size": LABEL_PX, "color": "#444444"},
                 )
-    tick_room = 7 * max(len(label) for label in ylabels) + 50
     fig.update_layout(
         template=TEMPLATE,
         plot_bgcolor=MISSING_COLOR,
         width=size["width"],
-        height=size["height"] + (0 if angle == 0 else 6 * min(longest, 16)),
-        margin={"l": max(90, tick_room), "b": 70 + (0 if angle == 0 else 6 * min(longest, 16))},
+        height=size["height"],
+        margin={
+            "l": max(int(size["left"]), 7 * max(len(label) for label in ylabels) + 30),
+            "r": size["right"],
+            "t": size["top"],
+            "b": size["bottom"],
+        },
+        hovermode="x" if panels > 1 else "closest",
+        hoversubplots="axis",  # hovering a cell shows the same cell of every panel
     )

@@ -13,32 +13,39 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from lenskit.errors import LenskitError
 from lenskit.plotting.grid import (
     NA,
     Statistic,
+    click_layer,
     color_axis,
     field,
     fmt_bits,
     fmt_prob,
     grid_axes,
     heatmap_trace,
+    mark_cell,
 )
-from lenskit.plotting.style import display_token, grid_size, select_positions, select_rows
+from lenskit.plotting.style import (
+    FIGURE_WIDTH,
+    coverage_note,
+    display_token,
+    grid_size,
+    select_positions,
+    select_rows,
+)
 from lenskit.trajectory import Trajectory
 
-__all__ = ["STATISTICS", "compare_heatmaps", "trajectory_heatmap"]
+__all__ = ["MAX_PANELS", "STATISTICS", "compare_heatmaps", "trajectory_heatmap"]
 
-_CELL_CHARS = 7  # longest token shown inside a cell
-MAX_PANELS = 4  # lenses compare_heatmaps puts side by side
+MAX_PANELS = 4  # lenses compare_heatmaps stacks
 
 
 STATISTICS: dict[str, Statistic] = {
     "top1_prob": Statistic("top-1 probability", "Blues", (0.0, 1.0)),
     "entropy": Statistic("entropy (bits)", "Blues_r"),
-    "kl_to_final": Statistic("KL(output ‖ lens) (bits)", "Blues_r"),
+    "kl_to_final": Statistic("KL to the model's output (bits)", "Blues_r"),
     "cross_entropy": Statistic("next-token cross-entropy (bits)", "Blues_r"),
     "target_prob": Statistic("target probability", "Blues", (0.0, 1.0)),
     "target_rank": Statistic("target rank (1 = top-1)", "Blues_r", log_rank=True),
@@ -123,12 +130,14 @@ def _trajectory_trace(
     cols: list[int],
     hover_k: int,
     size: dict,
+    panel: int = 0,
 ) -> go.Heatmap:
     values = _statistic(traj, statistic)[np.ix_(rows, cols)]
     k = min(hover_k, traj.top_probs.shape[-1])
     covered = traj.covered.tolist()
+    chars = int(size["text_chars"])
     text = [
-        [display_token(traj.top_tokens[r][p][0], _CELL_CHARS) if covered[r] else "" for p in cols]
+        [display_token(traj.top_tokens[r][p][0], chars) if covered[r] else "" for p in cols]
         for r in rows
     ]
     hover, template = _trajectory_hover(traj, rows, cols, k)
@@ -141,7 +150,20 @@ def _trajectory_trace(
         show_text=bool(size["show_text"]),
         xgap=int(size["xgap"]),
         name=traj.lens_kind,
+        panel=panel,
     )
+
+
+def _note(traj: Trajectory, rows: list[int]) -> str:
+    covered = [bool(traj.covered[r]) for r in rows]
+    return coverage_note([traj.layer_labels[r] for r in rows], covered)
+
+
+def _panel_title(name: str, traj: Trajectory, rows: list[int]) -> str:
+    """``<b>tuned</b> lens`` and, when it skips shown rows, which rows it reads."""
+    note = _note(traj, rows)
+    grey = f" <span style='color:#555555'>· {note} (grey: not read)</span>" if note else ""
+    return f"<b>{name}</b> lens{grey}"
 
 
 def trajectory_heatmap(
@@ -152,13 +174,14 @@ def trajectory_heatmap(
     token_range: tuple[int, int] | slice | None = None,
     hover_k: int = 5,
     title: str | None = None,
+    width: int = FIGURE_WIDTH,
 ) -> go.Figure:
     """Heatmap of one trajectory: layers (``output`` at the top) by input positions.
 
-    Each cell shows its top-1 token (when cells are wide enough) and is coloured
-    by ``statistic``; hovering shows the top ``hover_k`` tokens with their
-    probabilities and every statistic of the cell. Rows the lens does not cover
-    are blank (grey) and labelled ``(not covered)``.
+    Each cell shows its top-1 token, shortened to what fits at 11 px (no label once
+    fewer than 3 characters fit), and is coloured by ``statistic``; hovering shows the
+    top ``hover_k`` tokens with their probabilities and every statistic of the cell.
+    Rows the lens does not cover are blank (grey) and the title names them once.
 
     Colour scales run light (poor) to dark (good): probabilities on a fixed
     0..1 scale; entropy, KL and cross-entropy in bits from 0 (dark) to the
@@ -174,6 +197,7 @@ def trajectory_heatmap(
         token_range: Positions to show: ``(start, stop)`` (half-open) or a slice.
         hover_k: Top tokens listed on hover (at most the trajectory's top-k; 0 for none).
         title: Figure title (default: statistic, lens and model).
+        width: Figure width in pixels; cells and labels are sized for it.
 
     Returns:
         The figure; ``fig.data[0]`` is the heatmap, its ``customdata`` the hover texts.
@@ -185,60 +209,26 @@ def trajectory_heatmap(
     _check_hover_k(hover_k)
     values = _statistic(traj, statistic)
     spec = STATISTICS[statistic]
-    rows = select_rows(traj.n_layers, layer_stride)
+    rows = select_rows(traj.layer_labels, layer_stride)
     cols = select_positions(len(traj.tokens), token_range)
     traj.cells.check_shown(rows, cols, "trajectory")
-    size = grid_size(len(rows), len(cols))
+    size = grid_size(len(rows), len(cols), width=width)
     fig = go.Figure()  # add_trace validates the big arrays once; Figure(trace) copies them
     fig.add_trace(_trajectory_trace(traj, statistic, rows, cols, hover_k, size))
+    note = _note(traj, rows)
     fig.update_layout(
         coloraxis=color_axis(spec, [values[np.ix_(rows, cols)]], spec.colorscale),
-        title_text=title or f"{spec.label} · {traj.lens_kind} lens · {traj.model_name}",
+        title_text=title
+        or f"{spec.label} · {traj.lens_kind} lens · {traj.model_name}"
+        + (f"<br><sup>{note} (grey rows: not read)</sup>" if note else ""),
     )
-    grid_axes(
-        fig,
-        traj.layer_labels,
-        traj.covered.tolist(),
-        traj.tokens,
-        rows,
-        cols,
-        size,
-        [(traj.lens_kind, traj.covered.tolist())],
-    )
+    grid_axes(fig, traj.layer_labels, traj.tokens, rows, cols, size, [""])
+    fig.layout.yaxis.title.text = "layer"
     return fig
 
 
-def compare_heatmaps(
-    trajs: Sequence[Trajectory],
-    *,
-    statistic: str = "top1_prob",
-    layer_stride: int = 1,
-    token_range: tuple[int, int] | slice | None = None,
-    hover_k: int = 5,
-    labels: Sequence[str] | None = None,
-    title: str | None = None,
-) -> go.Figure:
-    """Two to four trajectories of the same prompt side by side, on one colour scale.
-
-    The panels share one colour axis (``layout.coloraxis``), the same rows and
-    columns in the same order, and linked axes (zooming one zooms all).
-
-    Args:
-        trajs: 2 to 4 trajectories of the same model and prompt (different lenses).
-        statistic: As in :func:`trajectory_heatmap`.
-        layer_stride: Show every n-th row (the output row is always shown).
-        token_range: Positions to show: ``(start, stop)`` (half-open) or a slice.
-        hover_k: Top tokens listed on hover.
-        labels: Panel titles (default: the lens kinds).
-        title: Figure title.
-
-    Returns:
-        The figure, one heatmap per panel in ``fig.data``.
-
-    Raises:
-        LenskitError: If the trajectories are not 2 to 4 of the same model and tokens.
-    """
-    trajs = list(trajs)
+def _check_same(trajs: list[Trajectory], labels: Sequence[str] | None) -> list[str]:
+    """The panel labels; refuses trajectories of different models, prompts or rows."""
     if not 2 <= len(trajs) <= MAX_PANELS:
         raise LenskitError(
             f"compare_heatmaps takes 2 to {MAX_PANELS} trajectories, got "
@@ -259,39 +249,74 @@ def compare_heatmaps(
     labels = list(labels) if labels is not None else [t.lens_kind for t in trajs]
     if len(labels) != len(trajs):
         raise LenskitError(f"got {len(labels)} labels for {len(trajs)} trajectories: give one each")
+    return labels
+
+
+def compare_heatmaps(
+    trajs: Sequence[Trajectory],
+    *,
+    statistic: str = "top1_prob",
+    layer_stride: int = 1,
+    token_range: tuple[int, int] | slice | None = None,
+    hover_k: int = 3,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    width: int = FIGURE_WIDTH,
+    selected: tuple[int, int] | None = None,
+    clickable: bool = False,
+) -> go.Figure:
+    """Two to four trajectories of the same prompt, stacked at full width, one colour scale.
+
+    One panel per lens, top to bottom, each with the same rows and positions: the cells
+    stay as wide as one trajectory's heatmap would be, so each lens's top-1 tokens stay
+    legible (32 positions in 1400 px: 5 characters a cell). All panels share the x axis:
+    hovering a cell shows that cell in every panel. A lens's rows it does not read are
+    blank (grey), named once in its panel's title.
+
+    Args:
+        trajs: 2 to 4 trajectories of the same model and prompt (different lenses).
+        statistic: As in :func:`trajectory_heatmap`.
+        layer_stride: Show every n-th row (the output row is always shown).
+        token_range: Positions to show: ``(start, stop)`` (half-open) or a slice.
+        hover_k: Top tokens listed on hover, per lens.
+        labels: Panel titles (default: the lens kinds).
+        title: Figure title.
+        width: Figure width in pixels; cells and labels are sized for it.
+        selected: ``(position, shown row index)`` of a cell to outline in every panel.
+        clickable: Add invisible markers on the cells so that a click on a cell selects
+            it (``x`` = position, ``y`` = shown row index) in hosts such as Streamlit.
+
+    Returns:
+        The figure: the heatmaps in ``fig.data`` first (one per panel), then any
+        click markers.
+
+    Raises:
+        LenskitError: If the trajectories are not 2 to 4 of the same model and tokens.
+    """
+    trajs = list(trajs)
+    labels = _check_same(trajs, labels)
     _check_hover_k(hover_k)
+    first = trajs[0]
     values = [_statistic(t, statistic) for t in trajs]
     spec = STATISTICS[statistic]
-    rows = select_rows(first.n_layers, layer_stride)
+    rows = select_rows(first.layer_labels, layer_stride)
     cols = select_positions(len(first.tokens), token_range)
     for traj in trajs:
         traj.cells.check_shown(rows, cols, f"{traj.lens_kind} trajectory")
-    size = grid_size(len(rows), len(cols), panels=len(trajs))
-    fig = make_subplots(
-        rows=1,
-        cols=len(trajs),
-        shared_yaxes=True,
-        horizontal_spacing=0.03,
-        subplot_titles=labels,
-    )
-    for i, traj in enumerate(trajs, start=1):
-        fig.add_trace(_trajectory_trace(traj, statistic, rows, cols, hover_k, size), row=1, col=i)
+    size = grid_size(len(rows), len(cols), panels=len(trajs), width=width)
+    fig = go.Figure()
+    for i, traj in enumerate(trajs):
+        fig.add_trace(_trajectory_trace(traj, statistic, rows, cols, hover_k, size, panel=i))
+    if clickable:
+        for i, label in enumerate(labels):
+            fig.add_trace(click_layer(len(rows), cols, i, label))
+        fig.update_layout(clickmode="event+select", dragmode=False)
     fig.update_layout(
         coloraxis=color_axis(spec, [v[np.ix_(rows, cols)] for v in values], spec.colorscale),
         title_text=title or f"{spec.label} · {first.model_name}",
     )
-    # A row is drawn blank in a panel whose lens skips it; the label says so only
-    # when every lens skips it.
-    covered = [any(bool(t.covered[r]) for t in trajs) for r in range(first.n_layers)]
-    grid_axes(
-        fig,
-        first.layer_labels,
-        covered,
-        first.tokens,
-        rows,
-        cols,
-        size,
-        [(label, t.covered.tolist()) for label, t in zip(labels, trajs, strict=True)],
-    )
-    fig.update_xaxes(matches="x")
+    titles = [_panel_title(label, t, rows) for label, t in zip(labels, trajs, strict=True)]
+    grid_axes(fig, first.layer_labels, first.tokens, rows, cols, size, titles)
+    if selected is not None:
+        mark_cell(fig, selected[0], selected[1], len(trajs))
     return fig

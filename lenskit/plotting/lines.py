@@ -1,87 +1,111 @@
-"""Per-layer line plots: evaluation metrics by lens, and a target token's path."""
+"""Per-layer line plots of evaluation metrics, one line per lens, with bands."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import hex_to_rgb
 
 from lenskit.errors import LenskitError
-from lenskit.plotting.style import MISSING_COLOR, PALETTE, TEMPLATE, display_token
-from lenskit.trajectory import Trajectory
+from lenskit.plotting.gaps import band_color, band_outline, finite, gap_connector
+from lenskit.plotting.names import metric_name
+from lenskit.plotting.style import PALETTE, TEMPLATE, coverage_note, log_ticks
 
-__all__ = ["metric_lines", "target_plot"]
-
-
-def _band_color(color: str, alpha: float = 0.18) -> str:
-    r, g, b = hex_to_rgb(color)
-    return f"rgba({r},{g},{b},{alpha})"
+__all__ = ["metric_lines", "training_lines"]
 
 
-_WORDS = {"kl": "KL", "js": "JS", "ce": "cross-entropy", "tv": "total variation"}
+def _clip_first_layer(fig: go.Figure, lines: list[go.Scatter], first: int, label: str) -> None:
+    """Keep one far-off first layer (the logit lens's L0: ~150 bits) from flattening the rest.
 
-
-def _finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _band(x: list[int], lo: list[float], hi: list[float]) -> tuple[list, list]:
-    """A closed outline per run of finite bounds, runs separated by None (gaps stay open)."""
-    xs: list = []
-    ys: list = []
-    run: list[tuple[int, float, float]] = []
-    for point in [*zip(x, lo, hi, strict=True), None]:
-        if point is not None and _finite(point[1]) and _finite(point[2]):
-            run.append(point)
-            continue
-        if run:
-            if xs:
-                xs.append(None)
-                ys.append(None)
-            xs += [p[0] for p in run] + [p[0] for p in reversed(run)]
-            ys += [p[2] for p in run] + [p[1] for p in reversed(run)]
-        run = []
-    return xs, ys
-
-
-def _mark_uncovered(fig: go.Figure, frame: pd.DataFrame) -> None:
-    """Shade the layers some lens does not cover and name the lenses, as the heatmaps do."""
-    if "covered" not in frame.columns:
+    When a line's value at the first layer is over three times the largest value at every
+    other layer, the y axis stops just above the others and each clipped value is written
+    at the top edge, in its line's colour; hovering still shows it.
+    """
+    rest = [v for t in lines for xi, v in zip(t.x, t.y, strict=True) if xi != first and v]
+    if not rest or max(rest) <= 0:
         return
-    missing = frame[~frame["covered"].astype(bool)]
-    by_layer: dict[int, list[str]] = {}
-    for lens, layer in zip(missing["lens"], missing["layer"].astype(int), strict=True):
-        by_layer.setdefault(layer, []).append(str(lens))
-    for layer, names in sorted(by_layer.items()):
-        fig.add_vrect(
-            x0=layer - 0.5,
-            x1=layer + 0.5,
-            fillcolor=MISSING_COLOR,
-            opacity=0.45,
-            line_width=0,
-            layer="below",
-        )
+    top = max(rest)
+    clipped = [
+        (t, v)
+        for t in lines
+        for xi, v in zip(t.x, t.y, strict=True)
+        if xi == first and v is not None and v > 3 * top
+    ]
+    if not clipped:
+        return
+    low = min(v for t in lines for v in t.y if v is not None)
+    fig.update_yaxes(range=[min(0.0, low), top * 1.15])
+    for i, (trace, value) in enumerate(clipped):
         fig.add_annotation(
-            x=layer,
-            y=0.5,
-            xref="x",
+            x=first,
+            y=1,
             yref="paper",
-            textangle=-90,
+            yshift=-16 * i,
+            xanchor="left",
+            yanchor="top",
             showarrow=False,
-            text=f"not covered by {', '.join(names)}",
-            font={"size": 11, "color": "#555555"},
+            text=f"↑ {trace.legendgroup} at {label}: {value:.3g} (off the scale)",
+            font={"size": 12, "color": trace.line.color},
+            bgcolor="rgba(255,255,255,0.85)",  # readable where the steep first segment passes
         )
 
 
-def _metric_title(metric: str) -> str:
-    """``kl_to_final_bits`` -> ``KL to final (bits)``."""
-    words = metric.split("_")
-    unit = " (bits)" if words[-1] == "bits" and len(words) > 1 else ""
-    words = words[:-1] if unit else words
-    return " ".join(_WORDS.get(w.lower(), w) for w in words) + unit
+def _lens_lines(
+    fig: go.Figure, lens: str, group: pd.DataFrame, metric: str, color: str, band_z: float
+) -> go.Scatter:
+    """Add one lens's band (if the frame has one), line and gap connector; return the line."""
+    group = group.sort_values("layer")
+    x = group["layer"].astype(int).tolist()
+    y = group[metric].astype(float)
+    covered = [True] * len(x)
+    if "covered" in group.columns:
+        covered = group["covered"].astype(bool).tolist()
+        y = y.where(group["covered"].astype(bool))
+    lo = hi = None
+    if f"{metric}_lo" in group.columns and f"{metric}_hi" in group.columns:
+        lo, hi = group[f"{metric}_lo"].astype(float), group[f"{metric}_hi"].astype(float)
+    elif f"{metric}_se" in group.columns:
+        se = group[f"{metric}_se"].astype(float)
+        lo, hi = y - band_z * se, y + band_z * se
+    if lo is not None and hi is not None:
+        lo, hi = lo.where(y.notna()), hi.where(y.notna())
+        band_x, band_y = band_outline(x, lo.tolist(), hi.tolist())
+        fig.add_trace(
+            go.Scatter(
+                x=band_x,
+                y=band_y,
+                fill="toself",
+                mode="lines",
+                fillcolor=band_color(color),
+                line={"width": 0},
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=lens,
+                name=f"{lens} band",
+            )
+        )
+    labels = group["layer_label"].astype(str).tolist() if "layer_label" in group else x
+    note = coverage_note([str(v) for v in labels], covered)
+    values = [v if finite(v) else None for v in y.tolist()]
+    connector = gap_connector(x, values, color, lens)
+    if connector is not None:
+        fig.add_trace(connector)
+    band = " [%{customdata[0]:.3g}, %{customdata[1]:.3g}]" if lo is not None else ""
+    line = go.Scatter(
+        x=x,
+        y=values,
+        mode="lines+markers",
+        name=f"{lens} ({note})" if note else lens,
+        legendgroup=lens,
+        connectgaps=False,
+        line={"color": color, "width": 2.5},
+        marker={"size": 7 if connector is not None else 5},
+        customdata=list(zip(lo, hi, strict=True)) if band else None,
+        hovertemplate=f"{lens}: %{{y:.3g}}{band}<extra></extra>",
+    )
+    fig.add_trace(line)
+    return line
 
 
 def metric_lines(
@@ -91,6 +115,7 @@ def metric_lines(
     band_z: int | float = 1.96,
     log_y: bool = False,
     title: str | None = None,
+    clip_first: bool = True,
 ) -> go.Figure:
     """Per-layer line plot of an evaluation metric, one line per lens, with bands.
 
@@ -105,10 +130,13 @@ def metric_lines(
       ``<metric>_hi`` (the band's edges, used as they are). With neither, no band.
     - optional ``layer_label`` (str): tick labels for the layers (``L0`` ... ``output``).
     - optional ``covered`` (bool): False where the lens does not read the layer (the
-      J-lens at ``L0``); such a row is a gap in its line, shaded and labelled
-      ``not covered by <lens>``, never joined to its neighbours.
+      J-lens at ``L0``, a causal basis at most layers); such a row is a gap in its
+      line, and the legend names the rows the lens skips (or reads) once. A line with
+      gaps inside gets a thin dotted line through its values to guide the eye.
 
-    Missing values (NaN) are gaps in the line and its band.
+    Missing values (NaN) are gaps in the line and its band. The axis and title use
+    the metric's human name (``kl_bits``: "KL to the model's output (bits)"); a log
+    axis is labelled in full (0.5, 2, 200).
 
     Args:
         frame: The metric table.
@@ -116,10 +144,14 @@ def metric_lines(
         band_z: Multiple of the standard error that ``<metric>_se`` bands span.
         log_y: Use a log y axis.
         title: Figure title.
+        clip_first: On a linear axis, stop the axis above the other layers when a
+            line's first layer is over three times their largest value (the logit
+            lens's L0 KL), writing the clipped value at the top edge.
 
     Returns:
         The figure: per lens a band trace (``fill="toself"``, when the frame has
-        uncertainty) then the line trace (``name`` = the lens).
+        uncertainty), a dotted connector where the line has gaps, then the line
+        trace (``legendgroup`` = the lens).
 
     Raises:
         LenskitError: For missing columns or duplicate (lens, layer) rows.
@@ -141,197 +173,65 @@ def metric_lines(
             f"the metric table has several rows for lens {row['lens']!r} layer {row['layer']}: "
             "aggregate to one row per lens and layer first"
         )
-    has_se = f"{metric}_se" in frame.columns
-    has_bounds = f"{metric}_lo" in frame.columns and f"{metric}_hi" in frame.columns
     fig = go.Figure()
-    for i, (lens, group) in enumerate(frame.groupby("lens", sort=False)):
-        group = group.sort_values("layer")
-        color = PALETTE[i % len(PALETTE)]
-        x = group["layer"].astype(int).tolist()
-        y = group[metric].astype(float)
-        if "covered" in group.columns:
-            y = y.where(group["covered"].astype(bool))
-        if has_bounds:
-            lo, hi = group[f"{metric}_lo"].astype(float), group[f"{metric}_hi"].astype(float)
-        elif has_se:
-            se = group[f"{metric}_se"].astype(float)
-            lo, hi = y - band_z * se, y + band_z * se
-        if has_bounds or has_se:
-            lo, hi = lo.where(y.notna()), hi.where(y.notna())
-            band_x, band_y = _band(x, lo.tolist(), hi.tolist())
-            fig.add_trace(
-                go.Scatter(
-                    x=band_x,
-                    y=band_y,
-                    fill="toself",
-                    mode="lines",
-                    fillcolor=_band_color(color),
-                    line={"width": 0},
-                    hoverinfo="skip",
-                    showlegend=False,
-                    legendgroup=str(lens),
-                    name=f"{lens} band",
-                )
-            )
-        band = ""
-        if has_bounds or has_se:
-            band = " [%{customdata[0]:.3g}, %{customdata[1]:.3g}]"
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=[v if _finite(v) else None for v in y.tolist()],
-                mode="lines+markers",
-                name=str(lens),
-                legendgroup=str(lens),
-                connectgaps=False,
-                line={"color": color, "width": 2},
-                marker={"size": 5},
-                customdata=list(zip(lo, hi, strict=True)) if band else None,
-                hovertemplate=f"{lens}: %{{y:.3g}}{band}<extra></extra>",
-            )
-        )
+    lines = [
+        _lens_lines(fig, str(lens), group, metric, PALETTE[i % len(PALETTE)], band_z)
+        for i, (lens, group) in enumerate(frame.groupby("lens", sort=False))
+    ]
     layers = sorted(frame["layer"].astype(int).unique().tolist())
+    names = {layer: f"L{layer}" for layer in layers}
     xaxis: dict = {"title_text": "layer", "showgrid": False, "zeroline": False}
     if "layer_label" in frame.columns:
-        names = frame.drop_duplicates("layer").set_index("layer")["layer_label"]
+        names = frame.drop_duplicates("layer").set_index("layer")["layer_label"].to_dict()
         step = max(1, math.ceil(len(layers) / 32))
         ticks = layers[::step] if layers[-1] in layers[::step] else [*layers[::step], layers[-1]]
         xaxis.update(tickmode="array", tickvals=ticks, ticktext=[str(names[t]) for t in ticks])
+    yaxis: dict = {"title_text": metric_name(metric), "type": "log" if log_y else "linear"}
+    if log_y:
+        yaxis.update(log_ticks([v for t in lines for v in t.y if v is not None]))
     fig.update_layout(
         template=TEMPLATE,
-        title_text=title or f"{_metric_title(metric)} by layer",
+        title_text=title or f"{metric_name(metric)} by layer",
         xaxis=xaxis,
-        yaxis={"title_text": _metric_title(metric), "type": "log" if log_y else "linear"},
-        width=820,
-        height=460,
+        yaxis=yaxis,
+        width=900,
+        height=480,
         hovermode="x unified",
+        legend={"orientation": "h", "y": -0.18, "x": 0, "font": {"size": 12}},
+        margin={"b": 110},
     )
-    _mark_uncovered(fig, frame)
+    if clip_first and not log_y:
+        _clip_first_layer(fig, lines, layers[0], str(names[layers[0]]))
     return fig
 
 
-def _log_ticks(fig: go.Figure) -> dict:
-    """Ticks 1, 2, 5, 10, 20, 50, ... spanning the plotted ranks, written in full."""
-    values = [v for trace in fig.data for v in trace.y if v is not None]
-    top = max(values, default=1)
-    ticks = [m * 10**e for e in range(len(str(int(top))) + 1) for m in (1, 2, 5)]
-    ticks = [t for t in ticks if t <= 5 * top]
-    return {"tickmode": "array", "tickvals": ticks, "ticktext": [f"{t:,}" for t in ticks]}
-
-
-def _positions(n_pos: int, positions: int | Sequence[int] | None) -> list[int]:
-    if positions is None:
-        return [n_pos - 1]
-    chosen = [positions] if isinstance(positions, int) else list(positions)
-    if not chosen:
-        raise LenskitError("positions is empty: give at least one position, e.g. positions=[-1]")
-    out = []
-    for p in chosen:
-        if isinstance(p, bool) or not isinstance(p, int) or not -n_pos <= p < n_pos:
-            raise LenskitError(
-                f"position {p!r} is outside the prompt's {n_pos} tokens: use 0..{n_pos - 1} "
-                "(or negative from the end)"
-            )
-        out.append(p % n_pos)
-    return out
-
-
-def target_plot(
-    trajs: Trajectory | Sequence[Trajectory],
-    *,
-    positions: int | Sequence[int] | None = None,
-    value: str = "prob",
-    title: str | None = None,
-) -> go.Figure:
-    """A target token's probability or rank across layers.
-
-    With one trajectory there is one line per position; with several (lenses of
-    the same prompt and target) one line per lens, or per lens and position.
-    Rows a lens does not cover are gaps. Ranks are shown 1-based (1 = top-1) on
-    a log axis.
+def training_lines(frame: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Held-out KL per layer of a training run: the logit lens and the trained tuned lens.
 
     Args:
-        trajs: A trajectory with a target, or several of the same prompt and target.
-        positions: Positions to follow (default: the last one); negative counts
-            from the end.
-        value: ``"prob"`` or ``"rank"``.
+        frame: :meth:`lenskit.training.TrainResult.to_frame` (``layer``,
+            ``logit_kl_bits``, ``tuned_kl_bits``).
         title: Figure title.
 
     Returns:
-        The figure, one ``go.Scatter`` per line.
-
-    Raises:
-        LenskitError: Without a target, for mismatched trajectories or bad positions.
+        :func:`metric_lines` of the two, in contrasting colours, the logit lens's far-off
+        first layer written at the top edge rather than flattening the tuned line.
     """
-    many = not isinstance(trajs, Trajectory)
-    trajs = list(trajs) if many else [trajs]
-    if not trajs:
-        raise LenskitError("target_plot needs at least one trajectory")
-    if value not in ("prob", "rank"):
-        raise LenskitError(f"value must be 'prob' or 'rank', got {value!r}")
-    first = trajs[0]
-    for traj in trajs:
-        if traj.target_prob is None or traj.target_rank is None:
-            raise LenskitError(
-                f"the {traj.lens_kind} trajectory has no target: pass target=' Paris' to "
-                "lenskit.trajectory"
-            )
-        if traj.tokens != first.tokens or traj.target_id != first.target_id:
-            raise LenskitError(
-                "trajectories differ in prompt or target: compute them with the same "
-                "prompt and target"
-            )
-    chosen = _positions(len(first.tokens), positions)
-    fig = go.Figure()
-    x = list(range(first.n_layers))
-    fmt = ".3f" if value == "prob" else ",.0f"
-    for i, traj in enumerate(trajs):
-        for j, pos in enumerate(chosen):
-            if value == "prob":
-                ys = traj.target_prob[:, pos].tolist()
-            else:
-                ys = (traj.target_rank[:, pos] + 1).tolist()
-            ys = [v if c else None for v, c in zip(ys, traj.covered.tolist(), strict=True)]
-            where = f"pos {pos} {display_token(first.tokens[pos])}"
-            if not many:
-                name = where
-            else:
-                name = f"{traj.lens_kind} · {where}" if len(chosen) > 1 else traj.lens_kind
-            color = PALETTE[(i if many else j) % len(PALETTE)]
-            dash = ("solid", "dash", "dot", "dashdot")[j % 4] if many else "solid"
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=ys,
-                    mode="lines+markers",
-                    name=name,
-                    connectgaps=False,
-                    line={"color": color, "width": 2, "dash": dash},
-                    marker={"size": 5},
-                    customdata=[display_token(traj.top_tokens[r][pos][0]) for r in x],
-                    hovertemplate=f"{name}: %{{y:{fmt}}} (top-1 %{{customdata}})<extra></extra>",
-                )
-            )
-    step = max(1, math.ceil(len(x) / 32))
-    ticks = x[::step] if x[-1] in x[::step] else [*x[::step], x[-1]]
-    if value == "prob":
-        yaxis = {"title_text": "target probability", "range": [0, 1.02]}
-    else:
-        yaxis = {"title_text": "target rank (1 = top-1)", "type": "log", **_log_ticks(fig)}
-    fig.update_layout(
-        template=TEMPLATE,
-        title_text=title or f"target {display_token(first.target)} · {first.model_name}",
-        xaxis={
-            "title_text": "layer",
-            "tickmode": "array",
-            "tickvals": ticks,
-            "ticktext": [first.layer_labels[t] for t in ticks],
-            "showgrid": False,
-            "zeroline": False,
-        },
-        yaxis=yaxis,
-        width=820,
-        height=460,
-        hovermode="x unified",
+    missing = [c for c in ("layer", "logit_kl_bits", "tuned_kl_bits") if c not in frame]
+    if missing:
+        raise LenskitError(
+            f"the training table lacks column(s) {', '.join(missing)}: pass TrainResult.to_frame()"
+        )
+    long = pd.concat(
+        [
+            pd.DataFrame({"lens": name, "layer": frame["layer"], "kl_bits": frame[column]})
+            for name, column in (("tuned lens", "tuned_kl_bits"), ("logit lens", "logit_kl_bits"))
+        ],
+        ignore_index=True,
     )
-    return fig
+    long["layer_label"] = [f"L{int(v)}" for v in long["layer"]]
+    return metric_lines(
+        long,
+        metric="kl_bits",
+        title=title or "Held-out KL to the model's output by layer (bits)",
+    )

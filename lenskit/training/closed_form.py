@@ -3,14 +3,15 @@
 What the final norm sees before its gain and bias (:func:`normalized_target`) is regressed
 on ``[h_layer, 1]`` from running float64 ``X^T X`` and ``X^T Y`` (:class:`NormalEquations`),
 ``d_model^2`` work per token instead of ``d_model * d_vocab``; the translator is
-``(c W - I, c b)``, rescaled to the layer.
+``(c W - I, c b)``, rescaled to the layer. A lens with ``resid_mid`` rows regresses the
+same target on ``[h_mid, 1]`` for each of them too (see :mod:`lenskit.training.rows`).
 
 Example:
     >>> import lenskit
     >>> from lenskit.training.closed_form import fit_closed_form
     >>> model = lenskit.load_model("tiny-llama")
     >>> tokens = torch.randint(0, model.cfg.d_vocab, (2, 16))
-    >>> fit_closed_form(model, tokens).n_layers == model.cfg.n_layers
+    >>> len(fit_closed_form(model, tokens).translators) == model.cfg.n_layers
     True
 """
 
@@ -24,7 +25,8 @@ from torch import Tensor
 
 from lenskit.lenses.tuned import TunedLens
 from lenskit.models import ModelAdapter
-from lenskit.residual import capture
+from lenskit.residual import capture, row_capture_points
+from lenskit.training.rows import stack_rows, train_rows, translators
 
 __all__ = ["NormalEquations", "fit_closed_form", "normalized_target", "set_translators"]
 
@@ -50,7 +52,7 @@ class NormalEquations:
         self.xty = torch.zeros(n_layers, d_model + 1, d_model, dtype=torch.float64, device=device)
 
     def batch(
-        self, rows: Float[Tensor, "layer n d_model"], target: Float[Tensor, "n d_model"]
+        self, rows: Float[Tensor, "layer cell d_model"], target: Float[Tensor, "cell d_model"]
     ) -> tuple[Tensor, Tensor]:
         """One batch's contribution (add it with :meth:`add`)."""
         xa = torch.cat([rows.double(), rows.new_ones(*rows.shape[:2], 1, dtype=torch.float64)], -1)
@@ -84,24 +86,37 @@ class NormalEquations:
 
 
 def set_translators(lens: TunedLens, weights: Tensor, biases: Tensor) -> None:
-    """Copy ``[layer, d, d]`` weights and ``[layer, d]`` biases into the translators."""
+    """Copy ``[row, d, d]`` weights and ``[row, d]`` biases into the translators.
+
+    Rows are in the order of :func:`~lenskit.training.rows.train_rows` (block inputs
+    only, for a lens without ``resid_mid`` rows).
+    """
     with torch.no_grad():
-        for translator, w, b in zip(lens.translators, weights, biases, strict=True):
+        for translator, w, b in zip(translators(lens), weights, biases, strict=True):
             translator.weight.copy_(w)
             translator.bias.copy_(b)
 
 
 def fit_closed_form(
-    model: Any, tokens: Int[Tensor, "chunk pos"], *, ridge: float = 0.0, batch_size: int = 4
+    model: Any,
+    tokens: Int[Tensor, "chunk pos"],
+    *,
+    ridge: float = 0.0,
+    batch_size: int = 4,
+    points: tuple[str, ...] = ("resid_pre",),
 ) -> TunedLens:
-    """The closed-form (least-squares) tuned lens fitted on ``tokens``, in float32."""
+    """The closed-form (least-squares) tuned lens fitted on ``tokens``, in float32.
+
+    ``points=("resid_pre", "resid_mid")`` also fits the ``L12.mid`` rows' translators.
+    """
     adapter = ModelAdapter(model)
-    normal = NormalEquations(adapter.n_layers, adapter.d_model, adapter.W_U.device)
+    lens = TunedLens(adapter, dtype=torch.float32, points=points)
+    rows = train_rows(lens)
+    normal = NormalEquations(len(rows), adapter.d_model, adapter.W_U.device)
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start : start + batch_size].to(adapter.W_U.device)
-        cap = capture(model, batch, logits=False)
-        rows = cap.stack("resid_pre").flatten(1, 2)
-        normal.add(*normal.batch(rows, normalized_target(adapter, cap.final.flatten(0, 1))))
-    lens = TunedLens(adapter, dtype=torch.float32)
+        cap = capture(model, batch, points=row_capture_points(rows), logits=False)
+        target = normalized_target(adapter, cap.final.flatten(0, 1))
+        normal.add(*normal.batch(stack_rows(cap, rows), target))
     set_translators(lens, *normal.solve(ridge))
     return lens

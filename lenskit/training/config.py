@@ -1,11 +1,15 @@
-"""Every setting of a tuned-lens training run: :class:`TrainConfig`.
+"""Every setting of a tuned-lens training run: :class:`TrainConfig`, and the app's preset.
 
-The CLI's ``lenskit train`` flags and the app's Train page take their defaults from it.
+The CLI's ``lenskit train`` flags are generated from the fields (their ``metadata`` holds
+the help text and the allowed values); the app's Train page takes its defaults from
+:data:`QUICK`, a smaller run of the same settings.
 
 Example:
     >>> from lenskit.training import TrainConfig
     >>> TrainConfig(model="tiny-llama", tokens=0).steps
     0
+    >>> QUICK.tokens < TrainConfig().tokens
+    True
 """
 
 from __future__ import annotations
@@ -16,73 +20,88 @@ from dataclasses import dataclass
 from typing import Any
 
 from lenskit.errors import LenskitError
-from lenskit.models import DEFAULT_MODEL
+from lenskit.settings import DEFAULT_MODEL, setting
 
-__all__ = ["TrainConfig"]
+__all__ = ["POINTS", "PRECISIONS", "QUICK", "TrainConfig"]
 
 _DEFAULT_LR = {"adam": 1e-3, "sgd": 1.0}
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16")
+POINTS = ("resid_pre", "resid_pre,resid_mid")
+"""Residual points a lens can be trained for: block inputs, or also ``L12.mid`` rows."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train a tuned lens; every field that changes the result is checked on resume.
 
-    Attributes:
-        model: Model name (see :func:`lenskit.load_model`).
-        data: Corpus source for :func:`lenskit.data.load_corpus` (None: Shakespeare).
-        tokens: KL fine-tuning budget in tokens, rounded down to whole steps (0: closed form
-            only).
-        seq_len: Tokens per chunk.
-        tokens_per_step: Tokens per optimizer step, over all ranks (a multiple of seq_len).
-        optimizer: ``"adam"``, or ``"sgd"`` (Nesterov momentum 0.9, weight decay 1e-3,
-            gradient-norm clip 1.0, as in the paper).
-        lr: Base step size (default 1e-3 for adam, 1.0 for sgd), decayed linearly to 0.
-        init: ``"lstsq"`` (closed-form start) or ``"zero"`` (the logit lens).
-        lstsq_tokens: Training tokens for the closed-form start.
-        ridge: Ridge penalty relative to the mean diagonal of ``X^T X`` (keep it small:
-            a few massive-activation dimensions dominate that mean in later layers).
-        seed: Seed of the document split and batch order.
-        checkpoint_every: Steps between checkpoints (0: only on Ctrl-C).
-        held_out: Fraction of documents held out for the reported metrics.
-        eval_tokens: Held-out tokens for the reported metrics.
-        val_tokens: Training-split tokens (never trained on) that choose, per layer,
-            between start and fine-tuned translator (0: always keep fine-tuned).
-        device: Torch device of the model.
-        dtype: Model dtype; half dtypes only on CUDA (they are slower than float32 on CPU).
+    Each field's ``metadata["help"]`` says what it does (the CLI shows it), and
+    ``metadata["choices"]`` lists the allowed values where there is a fixed set. ``lr``
+    None means 1e-3 for adam and 1.0 for sgd. Half model dtypes only on CUDA.
     """
 
-    model: str = DEFAULT_MODEL
-    data: str | None = None
-    tokens: int = 4096
-    seq_len: int = 256
-    tokens_per_step: int = 1024
-    optimizer: str = "adam"
-    lr: float | None = None
-    init: str = "lstsq"
-    lstsq_tokens: int = 32768
-    ridge: float = 1e-6
-    seed: int = 0
-    checkpoint_every: int = 10
-    held_out: float = 0.1
-    eval_tokens: int = 2048
-    val_tokens: int = 512
-    device: str = "cpu"
-    dtype: str = "float32"
+    model: str = setting(DEFAULT_MODEL, "model name or folder")
+    data: str | None = setting(None, "corpus file, folder or cached dataset (default: Shakespeare)")
+    tokens: int = setting(
+        4096, "KL fine-tuning tokens, rounded down to whole steps (0: closed form only)"
+    )
+    minutes: float = setting(
+        0.0,
+        "wall-clock budget from launch to saved lens; the run splits it between closed "
+        "form and KL steps and ignores --tokens (0: no budget)",
+    )
+    seq_len: int = setting(256, "tokens per chunk")
+    tokens_per_step: int = setting(
+        1024, "tokens per optimizer step over all ranks (a multiple of seq_len)"
+    )
+    optimizer: str = setting(
+        "adam",
+        "adam, or sgd (Nesterov momentum 0.9, weight decay 1e-3, gradient-norm clip 1)",
+        ("adam", "sgd"),
+    )
+    lr: float | None = setting(None, "base step size, decayed linearly to 0 (adam 1e-3, sgd 1)")
+    init: str = setting(
+        "lstsq", "closed-form start (lstsq) or the logit lens (zero)", ("lstsq", "zero")
+    )
+    lstsq_tokens: int = setting(
+        32768, "tokens for the closed-form start (with --minutes: at most this many)"
+    )
+    ridge: float = setting(1e-6, "ridge penalty relative to the mean diagonal of X^T X")
+    seed: int = setting(0, "seed of the document split and batch order")
+    checkpoint_every: int = setting(10, "KL steps between checkpoints (0: only on a stop)")
+    held_out: float = setting(0.1, "fraction of documents held out for the report")
+    eval_tokens: int = setting(2048, "held-out tokens for the report")
+    val_tokens: int = setting(
+        512, "training-split tokens (never trained on) that pick start or fine-tuned per layer"
+    )
+    report: bool = setting(True, "score the lens on held-out text at the end")
+    precision: str = setting(
+        "auto",
+        "KL-step matmul precision (fp32 master weights and sums); auto: the faster here",
+        PRECISIONS,
+    )
+    device: str = setting("cpu", "cpu or cuda (cuda:LOCAL_RANK under torchrun)")
+    dtype: str = setting("float32", "model dtype (half types only on cuda)", _DTYPES)
+    points: str = setting(
+        "resid_pre",
+        "residual points to train translators for: resid_pre (block inputs), or "
+        "resid_pre,resid_mid to add the stream between attention and MLP (rows L12.mid; "
+        "twice the translators and KL-step work)",
+        POINTS,
+    )
 
     def __post_init__(self) -> None:
-        ints = {f.name for f in dataclasses.fields(self) if f.type == "int"}
-        for name in ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LenskitError(f"{name} must be a whole number >= 0, got {value!r}")
-        choices = {"optimizer": ("adam", "sgd"), "init": ("lstsq", "zero"), "dtype": _DTYPES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise LenskitError(
-                    f"unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}"
-                )
-        for name in ("lr", "ridge", "held_out"):
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), f.metadata.get("choices")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise LenskitError(f"{f.name} must be a whole number >= 0, got {value!r}")
+            if f.type == "int" and value < 0:
+                raise LenskitError(f"{f.name} must be a whole number >= 0, got {value!r}")
+            if allowed is not None and value not in allowed:
+                raise LenskitError(f"unknown {f.name} {value!r}: use one of {', '.join(allowed)}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise LenskitError(f"{f.name} must be True or False, got {value!r}")
+        for name in ("lr", "ridge", "held_out", "minutes"):
             value = getattr(self, name)
             if not (value is None and name == "lr") and (
                 isinstance(value, bool) or not isinstance(value, (int, float))
@@ -90,8 +109,14 @@ class TrainConfig:
                 raise LenskitError(f"{name} must be a number, got {value!r}")
         lr = _DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
         object.__setattr__(self, "lr", float(lr))
+        object.__setattr__(self, "minutes", float(self.minutes))
+        for ok, message in self._checks():
+            if not ok:
+                raise LenskitError(f"bad training config: {message}")
+
+    def _checks(self) -> list[tuple[bool, str]]:
         s = self.seq_len
-        checks = [
+        return [
             (isinstance(self.model, str) and self.model.strip() != "", "model must be a name"),
             (
                 self.data is None or (isinstance(self.data, str) and self.data != ""),
@@ -117,6 +142,10 @@ class TrainConfig:
             ),
             (math.isfinite(self.lr) and self.lr > 0, "lr must be a positive number"),
             (math.isfinite(self.ridge) and self.ridge >= 0, "ridge must be a number >= 0"),
+            (
+                math.isfinite(self.minutes) and self.minutes >= 0,
+                "minutes must be a number >= 0 (0: no wall-clock budget)",
+            ),
             (0 < self.held_out < 1, "held_out must be between 0 and 1, e.g. 0.1"),
             (isinstance(self.device, str) and self.device != "", "device must be e.g. cpu"),
             (
@@ -124,13 +153,15 @@ class TrainConfig:
                 f"dtype {self.dtype} is slower than float32 on CPU: use float32, or a cuda device",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise LenskitError(f"bad training config: {message}")
+
+    @property
+    def point_list(self) -> tuple[str, ...]:
+        """:attr:`points` as a tuple of point names."""
+        return tuple(self.points.split(","))
 
     @property
     def steps(self) -> int:
-        """KL fine-tuning steps."""
+        """KL fine-tuning steps of a run without a wall-clock budget."""
         return self.tokens // self.tokens_per_step
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,8 +170,23 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build a config from :meth:`to_dict` output; unknown keys are refused."""
+        """Build a config from :meth:`to_dict` output; unknown keys are refused.
+
+        Fields added since a checkpoint was written take their defaults.
+        """
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise LenskitError(f"unknown training settings {', '.join(unknown)}: drop them")
         return cls(**values)
+
+
+QUICK = TrainConfig(
+    tokens=2048,
+    seq_len=128,
+    tokens_per_step=256,
+    lstsq_tokens=8192,
+    eval_tokens=1024,
+    val_tokens=256,
+    checkpoint_every=5,
+)
+"""The app's Train page defaults: a run of a few minutes for a small model on two CPU cores."""

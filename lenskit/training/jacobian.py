@@ -13,6 +13,16 @@ Prompts: from a corpus, :func:`lenskit.data.tokenize_corpus` chunks of ``seq_len
 tokens, taken in a fixed random order (``seed``), decoded to text; TransformerLens adds the
 BOS token and re-tokenizes, so each prompt is about ``seq_len`` tokens. Prompt ``i`` does
 not depend on ``n_prompts``. Or pass the prompt texts themselves.
+
+Example:
+    >>> import lenskit, tempfile
+    >>> from lenskit.training.jacobian import fit_jacobian_lens
+    >>> model = lenskit.load_model("tiny-llama")
+    >>> out = tempfile.mkdtemp() + "/lens.pt"
+    >>> lens = fit_jacobian_lens(model, ["the cat sat on the mat " * 4], n_prompts=1,
+    ...                          seq_len=24, out=out, progress=False)
+    >>> lens.kind
+    'jacobian'
 """
 
 from __future__ import annotations

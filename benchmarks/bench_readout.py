@@ -1,0 +1,177 @@
+"""Readout engine benchmark: matmul rates, trajectory / compare / eval vs their floor, CLI start.
+
+Reports medians, each beside the machine's measured float32 and bf16 GFLOP/s and its load
+average (a busy machine makes every figure slower; run it on a quiet one):
+
+- matmul GFLOP/s of the real unembedding shape (``rows x 576 x 49152``): float32, the
+  readout's bf16 path (bf16 inputs, float32 sums and output), plain bf16 (bf16 output);
+- a 64-token, all-rows, full-vocabulary trajectory vs its own unembedding matmul in the
+  chosen precision (the floor; target: within 1.3x);
+- ``compare`` of 4 lenses vs one trajectory (target: within 2x);
+- ``evaluate`` of logit + tuned lens: tokens/s vs the readout floor for the lenses and
+  rows asked (target: >= 50% of the floor's rate);
+- ``lenskit --help``, a bad-input error and a warm ``lenskit trajectory``, end to end.
+
+Run: ``python benchmarks/bench_readout.py [--smoke] [--precision auto]`` (a few minutes;
+``--smoke`` does one repeat of smaller sizes). Writes ``benchmarks/results/readout.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PROMPT_WORDS = (
+    "The tuned lens reads each layer of a transformer through an affine translator, and "
+    "researchers check the numbers: KL divergence, entropy and the top token per layer. "
+)
+
+
+def _median(fn, repeats: int) -> float:
+    fn()  # warm up
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def _context() -> dict:
+    from lenskit.readout import matmul_rates
+
+    rates = matmul_rates("cpu", fresh=True)
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+        "gflops_fp32": rates["fp32"],
+        "gflops_bf16": rates["bf16"],
+        "gflops_bf16_native": rates["bf16_native"],
+    }
+
+
+def bench_matmul(rows: int, repeats: int) -> dict:
+    from lenskit.readout import lowp_mm as _lowp_mm
+
+    d, v = 576, 49152
+    x, w = torch.randn(rows, d), torch.randn(d, v) * 0.05
+    wb, xb = w.bfloat16(), x.bfloat16()
+    flop = 2 * rows * d * v
+    out = {}
+    for name, fn in {
+        "fp32": lambda: x @ w,
+        "bf16_readout": lambda: _lowp_mm(x, w, wb, torch.bfloat16),
+        "bf16_native": lambda: xb @ wb,
+    }.items():
+        out[name] = flop / _median(fn, repeats) / 1e9
+    return {"shape": [rows, d, v], "gflops": out}
+
+
+def bench_trajectory(model, repeats: int, precision: str | None, n_tokens: int) -> dict:
+    import lenskit
+    from lenskit.comparison import compare
+    from lenskit.readout import Readout
+    from lenskit.residual import capture
+
+    lens = lenskit.get_lens("logit", model)
+    tokens = model.to_tokens(PROMPT_WORDS * 8)[0, :n_tokens]
+    engine = Readout(lens.adapter, precision)
+    rows = capture(model, tokens[None], logits=False).lens_rows()[:, 0]
+    x = lens.adapter.final_norm(rows).reshape(-1, rows.shape[-1]).detach()
+    floor = _median(lambda: engine.unembed(x), repeats)
+    traj = _median(
+        lambda: lenskit.trajectory(model, lens, tokens, precision=engine.precision), repeats
+    )
+    tuned = lenskit.lenses.tuned.TunedLens.untrained(model)
+    four = [lens, tuned, lenskit.get_lens("logit", model), tuned]
+    comp = _median(lambda: compare(model, four, tokens, precision=engine.precision), repeats)
+    return {
+        "precision": engine.precision,
+        "cells": int(x.shape[0]),
+        "unembed_floor_s": floor,
+        "trajectory_s": traj,
+        "trajectory_over_floor": traj / floor,
+        "compare4_s": comp,
+        "compare4_over_trajectory": comp / traj,
+    }
+
+
+def bench_eval(model, tokens: int, precision: str | None) -> dict:
+    import lenskit
+    from lenskit.evaluation import evaluate
+    from lenskit.lenses.tuned import TunedLens
+    from lenskit.readout import Readout
+
+    lenses = {"logit": lenskit.get_lens("logit", model), "tuned": TunedLens.untrained(model)}
+    engine = Readout(lenses["logit"].adapter, precision)
+    x = torch.randn(512, model.cfg.d_model)
+    per_row = _median(lambda: engine.unembed(x), 2) / 512
+    rows = 2 * model.cfg.n_layers + 1  # both lenses at every block input, and the output
+    result = evaluate(
+        model, lenses, None, tokens=tokens, seq_len=128, progress=False, precision=precision
+    )
+    floor_rate = 1.0 / (per_row * rows)
+    return {
+        "precision": engine.precision,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "tokens_per_s": result.tokens_per_s,
+        "floor_tokens_per_s": floor_rate,
+        "share_of_floor": result.tokens_per_s / floor_rate,
+    }
+
+
+def bench_cli(repeats: int) -> dict:
+    def run(*args: str) -> float:
+        tic = time.perf_counter()
+        subprocess.run(["lenskit", *args], capture_output=True, check=False)
+        return time.perf_counter() - tic
+
+    prompt = "The capital of France is"
+    return {
+        "help_s": statistics.median(run("--help") for _ in range(repeats)),
+        "empty_prompt_error_s": statistics.median(
+            run("trajectory", "--prompt", "") for _ in range(repeats)
+        ),
+        "trajectory_warm_s": statistics.median(
+            run("trajectory", "--prompt", prompt, "--quiet") for _ in range(repeats)
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="one repeat, small sizes")
+    parser.add_argument("--precision", default=None, help="readout precision (default auto)")
+    parser.add_argument("--out", default=str(HERE / "results" / "readout.json"))
+    args = parser.parse_args()
+    import lenskit
+
+    repeats = 1 if args.smoke else 5
+    model = lenskit.load_model("smollm2-135m")
+    report = {"context": _context(), "smoke": args.smoke}
+    report["matmul"] = bench_matmul(512 if args.smoke else 1920, repeats)
+    report["trajectory"] = bench_trajectory(model, repeats, args.precision, 64)
+    report["eval"] = bench_eval(model, 256 if args.smoke else 1024, args.precision)
+    report["cli"] = bench_cli(1 if args.smoke else 3)
+    report["context_after"] = {"load_average": os.getloadavg()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    json.dump(report, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()

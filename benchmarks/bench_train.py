@@ -1,0 +1,340 @@
+"""Tuned-lens training speed and quality on this machine: KL steps per second, and budgets.
+
+``speed``: tokens per second of the exact-KL step (gradient and optimizer step) for
+SmolLM2-135M (1,024 tokens a step, sequences of 256) in bfloat16 and float32, interleaved
+over rounds (medians), each beside two ceilings at the matmul speeds measured in the same
+rounds: the unembedding matmuls alone (``4 * d_model * d_vocab`` FLOP per token and row,
+at the step's precision), and those plus the model's forward pass (float32, its FLOPs
+counted by ``FlopCounterMode``). ``budget``: ``lenskit train --minutes M`` from launch
+to saved lens, trained on Shakespeare, scored on held-out text of another kind (the
+docstrings of Python's standard library, see :func:`docs_corpus`) and on held-out
+Shakespeare, per layer beside its own closed-form start.
+
+Every figure is written with the load average and the measured float32 / bfloat16
+matmul GFLOP/s beside it: on a shared machine the rates move with the load.
+
+Run: ``python benchmarks/bench_train.py speed`` (about 6 minutes on a quiet machine),
+``python benchmarks/bench_train.py budget --minutes 3`` (the budget, then about 4 minutes
+of scoring; ``--score-tokens`` sets the tokens per held-out corpus) or ``score`` to
+score a budget run's lens again.
+Writes ``benchmarks/results/train_<what>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEQ_LEN, TOKENS_PER_STEP = 256, 1024
+DOC_MODULES = (
+    "argparse",
+    "asyncio",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "concurrent.futures",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "http.client",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "mailbox",
+    "multiprocessing",
+    "operator",
+    "os",
+    "pathlib",
+    "pickle",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "tokenize",
+    "traceback",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "weakref",
+    "zipfile",
+)
+
+
+def machine() -> dict[str, object]:
+    """The load average and matmul speeds now, to print beside a figure."""
+    from lenskit.training.precision import matmul_rates
+
+    rates = matmul_rates("cpu", fresh=True)
+    return {
+        "load_average": os.getloadavg(),
+        "gflops_float32": round(rates["float32"], 1),
+        "gflops_bfloat16": round(rates["bfloat16"], 1),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def docs_corpus(folder: Path) -> Path:
+    """Docstrings of standard-library modules, one ``.txt`` document per module."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        parts = [inspect.getdoc(module) or ""]
+        for attr in sorted(getattr(module, "__all__", dir(module))):
+            obj = getattr(module, attr, None)
+            if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            if len(doc) > 200:
+                parts.append(f"{attr}\n\n{doc}")
+        (folder / f"{name}.txt").write_text("\n\n".join(p for p in parts if p), encoding="utf-8")
+    return folder
+
+
+def forward_flops(model, batch) -> float:
+    """Matmul FLOPs of the model's own forward pass over ``batch`` (counted, not estimated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lenskit.residual import capture
+
+    with FlopCounterMode(display=False) as counter:
+        capture(model, batch)
+    return float(counter.get_total_flops())
+
+
+def kl_step_rate(model, lens, batches, precision: str) -> float:
+    """Tokens/s of lenskit's KL step (gradient and Adam step) over ``batches`` after a warm-up."""
+    import torch
+
+    from lenskit.training.kl_step import Bf16Unembedding, kl_step
+
+    un = None
+    if precision == "bfloat16":
+        un = Bf16Unembedding(lens.adapter.W_U, lens.adapter.b_U)
+    optimizer = torch.optim.Adam(lens.parameters(), lr=1e-5)
+    kl_step(lens, model, batches[0][:1, :64], scale=1.0, bf16=un)  # warm up
+    tic = time.perf_counter()
+    for batch in batches:
+        lens.zero_grad()
+        kl_step(lens, model, batch, scale=1.0 / batch.numel(), bf16=un)
+        optimizer.step()
+    return sum(b.numel() for b in batches) / (time.perf_counter() - tic)
+
+
+def ceilings(model, lens, batch, rates: dict[str, float]) -> dict[str, float]:
+    """Tokens/s if every matmul of a step ran at the measured rate of its precision.
+
+    ``unembedding``: only the two ``[rows, d_vocab]`` matmuls per translated row (at the
+    step's precision). ``step``: also the model's forward pass (float32), counted by
+    ``FlopCounterMode``; the translators' own matmuls (under 2%) are left out.
+    """
+    from lenskit.training.kl_step import step_flops
+
+    per_token_unembed = step_flops(lens.adapter)
+    per_token_forward = forward_flops(model, batch) / batch.numel()
+    out = {}
+    for precision in ("float32", "bfloat16"):
+        unembed_s = per_token_unembed / (rates[precision] * 1e9)
+        forward_s = per_token_forward / (rates["float32"] * 1e9)
+        out[f"{precision}_unembedding"] = 1 / unembed_s
+        out[f"{precision}_step"] = 1 / (unembed_s + forward_s)
+    return out
+
+
+def speed(steps: int, rounds: int, precisions: tuple[str, ...]) -> dict[str, object]:
+    """KL-step tokens/s per precision beside its ceilings, interleaved over ``rounds``.
+
+    Each round measures the matmul rates, then runs ``steps`` steps of each precision;
+    the figures are medians over rounds, every round recorded with its load average.
+    """
+    import statistics
+
+    import lenskit
+    from lenskit.data import default_corpus, tokenize_corpus
+    from lenskit.lenses.tuned import TunedLens
+    from lenskit.progress import frozen
+
+    model = lenskit.load_model()
+    per = TOKENS_PER_STEP // SEQ_LEN
+    chunks = tokenize_corpus(
+        default_corpus(), model.tokenizer, SEQ_LEN, max_tokens=TOKENS_PER_STEP * steps * rounds
+    ).tokens
+    lens = TunedLens.untrained(model)
+    log: list[dict[str, object]] = []
+    with frozen(model):
+        for r in range(rounds):
+            round_info: dict[str, object] = {"machine": machine()}
+            for precision in precisions:
+                first = (r * steps) * per % max(1, len(chunks) - per * steps)
+                batches = [chunks[first + i * per : first + (i + 1) * per] for i in range(steps)]
+                round_info[precision] = kl_step_rate(model, lens, batches, precision)
+            round_info["load_after"] = os.getloadavg()
+            log.append(round_info)
+            print(f"round {r}: {round_info}", flush=True)
+        rates = {
+            p: statistics.median(float(x["machine"][f"gflops_{p}"]) for x in log)
+            for p in ("float32", "bfloat16")
+        }
+        ceiling = ceilings(model, lens, chunks[:per], rates)
+    out: dict[str, object] = {"rounds": log, "median_gflops": rates}
+    for precision in precisions:
+        rate = statistics.median(float(x[precision]) for x in log)
+        out[precision] = {
+            "tokens_per_s": round(rate, 1),
+            "ceiling_unembedding_tokens_per_s": round(ceiling[f"{precision}_unembedding"], 1),
+            "fraction_of_unembedding_ceiling": round(rate / ceiling[f"{precision}_unembedding"], 3),
+            "ceiling_step_tokens_per_s": round(ceiling[f"{precision}_step"], 1),
+            "fraction_of_step_ceiling": round(rate / ceiling[f"{precision}_step"], 3),
+        }
+        print(f"{precision}: {out[precision]}")
+    return out
+
+
+_WRAPPER = """
+import sys, torch
+from lenskit import cli
+from lenskit.training import phases
+real = phases.Phases.finetune
+def finetune(self, pool):
+    if self.dist.rank == 0:
+        torch.save(self.state.start, sys.argv[1])
+    return real(self, pool)
+phases.Phases.finetune = finetune
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def budget(minutes: float, work: Path, extra: list[str], tokens: int) -> dict[str, object]:
+    """``lenskit train --minutes`` from launch to saved lens, then :func:`score`."""
+    out, start_file = work / f"lens-{minutes:g}min", work / f"start-{minutes:g}min.pt"
+    before = machine()
+    cmd = [sys.executable, "-c", _WRAPPER, str(start_file), "train", "--minutes", str(minutes)]
+    cmd += ["--out", str(out), "--quiet", *extra]
+    tic = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - tic
+    after = machine()
+    return {
+        "minutes": minutes,
+        "command": cmd[3:],
+        "seconds_launch_to_saved": round(seconds, 1),
+        "machine_before": before,
+        "machine_after": after,
+        **score(out, start_file, work, tokens),
+    }
+
+
+def score(out: Path, start_file: Path, work: Path, tokens: int) -> dict[str, object]:
+    """Held-out KL of the logit lens, the closed-form start and the trained lens, per layer.
+
+    On ``tokens`` tokens of each corpus: the standard-library docstrings and held-out
+    Shakespeare.
+    """
+    import torch
+
+    import lenskit
+    from lenskit.data import default_corpus, load_corpus, split_documents, tokenize_corpus
+    from lenskit.evaluation.layer_kl import layer_kl_sums
+    from lenskit.lenses.tuned import TunedLens
+    from lenskit.metrics import LN2
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    model = lenskit.load_model()
+    tuned = TunedLens.load(model, out)
+    start = TunedLens.untrained(model)
+    start.translators.load_state_dict(torch.load(start_file, weights_only=True))
+    held_docs = tokenize_corpus(
+        load_corpus(str(docs_corpus(work / "docs"))), model.tokenizer, SEQ_LEN, max_tokens=tokens
+    )
+    play = split_documents(default_corpus(), 0.1, seed=0)[1]
+    held_play = tokenize_corpus(play, model.tokenizer, SEQ_LEN, max_tokens=tokens)
+    scores = {}
+    for name, chunks in (("python_docs", held_docs), ("shakespeare_held_out", held_play)):
+        lenses = [lenskit.get_lens("logit", model), start, tuned]
+        kl = (layer_kl_sums(model, lenses, chunks.tokens) / chunks.tokens.numel() / LN2).tolist()
+        worse = [i for i, (a, b) in enumerate(zip(kl[1], kl[2], strict=True)) if b > a + 1e-6]
+        scores[name] = {
+            "tokens": chunks.tokens.numel(),
+            "mean_kl_bits": {
+                k: sum(v) / len(v) for k, v in zip(("logit", "start", "tuned"), kl, strict=True)
+            },
+            "layers_worse_than_start": worse,
+            "per_layer_kl_bits": {"logit": kl[0], "start": kl[1], "tuned": kl[2]},
+        }
+        print(f"{name}: {scores[name]['mean_kl_bits']} worse layers {worse}")
+    return {
+        "train_metrics": {
+            k: metrics.get(k)
+            for k in ("steps", "tokens_trained", "precision", "timings", "mean_kl_bits", "notes")
+        },
+        "scores": scores,
+        "machine_after_scoring": machine(),
+    }
+
+
+def main() -> None:
+    """Run one measurement and write its results."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=("speed", "budget", "score"))
+    parser.add_argument("--steps", type=int, default=3, help="KL steps per precision and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--precisions", default="bfloat16,float32")
+    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lenskit-train-bench"))
+    parser.add_argument("--score-tokens", type=int, default=2048, help="per held-out corpus")
+    args, extra = parser.parse_known_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.what == "speed":
+        result = speed(args.steps, args.rounds, tuple(args.precisions.split(",")))
+        name = "train_speed.json"
+    elif args.what == "budget":
+        result = budget(args.minutes, args.work, extra, args.score_tokens)
+        name = f"train_budget_{args.minutes:g}min.json"
+    else:  # score a budget run's lens again (e.g. on more tokens)
+        out = args.work / f"lens-{args.minutes:g}min"
+        start = args.work / f"start-{args.minutes:g}min.pt"
+        result = score(out, start, args.work, args.score_tokens)
+        name = f"train_budget_{args.minutes:g}min_score.json"
+    result["note"] = "timed on a shared machine: see the load averages"
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / name).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

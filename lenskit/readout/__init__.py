@@ -1,0 +1,66 @@
+"""The readout engine: residual rows -> final norm -> unembedding -> statistics, fast.
+
+Every full-vocabulary computation in lenskit ends here. :class:`Readout` reads residuals
+through the model's own final norm and unembedding, a block of rows per matmul, in the
+fastest precision this machine has (:mod:`~lenskit.readout.engine`), and
+:func:`logit_stats` takes log-sum-exp, entropy, KL to the model's output, chosen-token
+log-probabilities, ranks and the top-k of each block of logits in float32, a
+cache-sized block of rows at a time (:mod:`~lenskit.readout.stats`).
+
+Precision (``precision=`` or the ``LENSKIT_PRECISION`` environment variable; see
+:mod:`~lenskit.readout.precision`):
+
+- ``"exact"``: float32 everywhere, the model's own ``x @ W_U + b_U``.
+- ``"bf16"`` / ``"fp16"``: the matmul's inputs rounded to that type, products summed and
+  returned in float32; the few residual coordinates that carry most of each block's
+  rounding error (the largest ``|x_k| * ||W_U[k]||``, see :data:`CORRECTED_DIMS`) are
+  corrected inside the same matmul. Statistics are float32 as in exact mode.
+- ``"auto"`` (default): a one-off micro-benchmark per device (:func:`matmul_rates`,
+  cached in memory and in lenskit's cache folder) picks ``"bf16"`` where it is at least
+  :data:`SPEEDUP_NEEDED` times faster than float32, else ``"exact"``.
+
+Example:
+    >>> import torch, lenskit
+    >>> from lenskit.readout import Readout
+    >>> model = lenskit.load_model("tiny-llama")
+    >>> engine = Readout(lenskit.ModelAdapter(model), precision="exact")
+    >>> h = torch.randn(3, model.cfg.d_model)
+    >>> stats = engine.read_stats(h, engine.reference(h), torch.zeros(3, 1, dtype=torch.long),
+    ...                           top_k=2)
+    >>> [round(float(v), 6) for v in stats.kl]  # each row against itself
+    [0.0, 0.0, 0.0]
+"""
+
+from lenskit.readout.engine import CORRECTED_DIMS, MATMUL_ROWS, Readout
+from lenskit.readout.precision import (
+    PRECISION_ENV,
+    PRECISIONS,
+    SPEEDUP_NEEDED,
+    bf16_inside_fp32,
+    fp32_matmuls,
+    lowp_mm,
+    matmul_dtype,
+    matmul_rates,
+    resolve_precision,
+)
+from lenskit.readout.stats import STATS_ROWS, RowStats, concat_stats, logit_stats, top_k
+
+__all__ = [
+    "CORRECTED_DIMS",
+    "MATMUL_ROWS",
+    "PRECISIONS",
+    "PRECISION_ENV",
+    "SPEEDUP_NEEDED",
+    "STATS_ROWS",
+    "Readout",
+    "RowStats",
+    "bf16_inside_fp32",
+    "concat_stats",
+    "fp32_matmuls",
+    "logit_stats",
+    "lowp_mm",
+    "matmul_dtype",
+    "matmul_rates",
+    "resolve_precision",
+    "top_k",
+]

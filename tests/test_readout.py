@@ -1,0 +1,289 @@
+"""The readout engine: precision choice, the fast path's accuracy, bounded memory, bad ids."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import lenskit
+import lenskit.readout as readout
+import lenskit.readout.precision as precision
+from lenskit.errors import LenskitError
+from lenskit.metrics import Reference
+from lenskit.residual import capture, tokenize
+
+PROMPT = "The readout engine reads every layer of this prompt, one block at a time."
+LN2 = math.log(2)
+trajectory_module = importlib.import_module("lenskit.trajectory")  # not the function
+# The fast path's stated tolerance against float64 (README, "Precision"): per-cell KL and
+# entropy within these means (bits), and the same top-1 token in this share of cells.
+FAST_KL_MEAN, FAST_H_MEAN, FAST_TOP1 = 0.01, 0.005, 0.995
+
+
+def _float64_cells(model, prompt):
+    """Per-cell KL to the output, entropy and top-1 of the logit lens, all in float64."""
+    adapter = lenskit.ModelAdapter(model)
+    rows = capture(model, tokenize(model, prompt), logits=False).lens_rows()[:, 0]
+    with torch.no_grad():
+        x = adapter.final_norm(rows).double()
+    lq = torch.log_softmax(x @ adapter.W_U.double() + adapter.b_U.double(), -1)
+    lp = lq[-1]
+    kl = (lp.exp() * (lp - lq)).sum(-1) / LN2
+    entropy = -(lq.exp() * lq).sum(-1) / LN2
+    return kl, entropy, lq.argmax(-1)
+
+
+def _errors(model, prompt, precision):
+    lens = lenskit.get_lens("logit", model)
+    traj = lenskit.trajectory(model, lens, prompt, precision=precision, top_k=1)
+    kl, entropy, top = _float64_cells(model, prompt)
+    return (
+        (traj.kl_to_final.double() - kl).abs(),
+        (traj.entropy.double() - entropy).abs(),
+        (traj.top_ids[..., 0] == top).double().mean().item(),
+    )
+
+
+def test_exact_and_bf16_agree_with_float64_within_the_stated_tolerance(tiny_model):
+    dkl, dh, top1 = _errors(tiny_model, PROMPT, "exact")
+    assert dkl.max() < 1e-5 and dh.max() < 1e-5 and top1 == 1.0
+    dkl, dh, top1 = _errors(tiny_model, PROMPT, "bf16")
+    # ~200 cells of a random model: one near-tie is 0.5% of them; the top-1 share is
+    # held to the stated tolerance on the embedded model (below).
+    assert dkl.mean() <= FAST_KL_MEAN and dh.mean() <= FAST_H_MEAN and top1 >= 0.98
+
+
+@pytest.mark.slow
+def test_bf16_on_the_embedded_model_within_the_stated_tolerance(smollm2):
+    text = (
+        "The tuned lens reads each layer of a transformer through an affine translator. "
+        "Researchers check the numbers: KL divergence, entropy and the top token per layer, "
+        "for every position of a paragraph of ordinary English text like this one."
+    )
+    dkl, dh, top1 = _errors(smollm2, text, "bf16")
+    assert dkl.mean() <= FAST_KL_MEAN, float(dkl.mean())
+    assert dh.mean() <= FAST_H_MEAN, float(dh.mean())
+    assert top1 >= FAST_TOP1, top1
+
+
+def test_precision_comes_from_the_argument_then_the_environment(monkeypatch):
+    monkeypatch.setenv(readout.PRECISION_ENV, "bf16")
+    assert readout.resolve_precision() == "bf16"
+    assert readout.resolve_precision("exact") == "exact"
+    assert readout.matmul_dtype("cpu", "fp16") == torch.float16
+    monkeypatch.setenv(readout.PRECISION_ENV, "fast-please")
+    with pytest.raises(LenskitError, match="LENSKIT_PRECISION is 'fast-please'"):
+        readout.resolve_precision()
+    with pytest.raises(LenskitError, match="use one of auto, exact, bf16, fp16"):
+        readout.resolve_precision("float128")
+
+
+def test_auto_takes_bf16_only_where_measured_faster(monkeypatch):
+    monkeypatch.setattr(precision, "matmul_rates", lambda device: {"fp32": 100.0, "bf16": 300.0})
+    assert readout.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(precision, "matmul_rates", lambda device: {"fp32": 100.0, "bf16": 20.0})
+    assert readout.resolve_precision("auto") == "exact"
+
+
+def test_rates_are_measured_once_and_cached_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENSKIT_CACHE", str(tmp_path))
+    calls = []
+
+    def fake(device):
+        calls.append(device)
+        return {"fp32": 1.0, "bf16": 2.0}
+
+    monkeypatch.setattr(precision, "_measure", fake)
+    precision._rates.cache_clear()
+    try:
+        assert readout.matmul_rates("cpu")["bf16"] == 2.0
+        precision._rates.cache_clear()  # a new process: read back from the cache folder
+        assert readout.matmul_rates("cpu")["bf16"] == 2.0
+        assert len(calls) == 1 and (tmp_path / "readout-rates.json").is_file()
+    finally:
+        precision._rates.cache_clear()
+
+
+def test_fused_statistics_equal_separate_float64_definitions():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 1000, generator=gen) * 4
+    final = torch.randn(37, 1000, generator=gen) * 4
+    ids = torch.randint(0, 1000, (37, 2), generator=gen)
+    stats = readout.logit_stats(
+        logits, Reference.from_logits(final), ids, top_k=5, rank_columns=1, chunk=8
+    )
+    lq, lp = torch.log_softmax(logits.double(), -1), torch.log_softmax(final.double(), -1)
+    assert torch.allclose(stats.entropy.double(), -(lq.exp() * lq).sum(-1) / LN2, atol=1e-5)
+    kl = (lp.exp() * (lp - lq)).sum(-1) / LN2
+    assert torch.allclose(stats.kl.double(), kl, atol=1e-5)
+    assert torch.allclose(stats.id_log_probs.double(), lq.gather(-1, ids), atol=1e-5)
+    top = torch.topk(logits, 5, dim=-1)
+    assert torch.equal(stats.top_ids, top.indices)
+    assert torch.allclose(stats.top_probs.double(), lq.gather(-1, top.indices).exp(), atol=1e-6)
+    ranks = (logits > logits.gather(-1, ids[:, 1:])).sum(-1)
+    assert torch.equal(stats.id_ranks[:, 1], ranks) and (stats.id_ranks[:, 0] == -1).all()
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 4096 * 3])
+def test_two_pass_top_k_equals_torch_topk(vocab):
+    z = torch.randn(9, vocab, generator=torch.Generator().manual_seed(vocab))
+    ours, theirs = readout.top_k(z, 10), torch.topk(z, 10, dim=-1)
+    assert torch.equal(ours[0], theirs.values) and torch.equal(ours[1], theirs.indices)
+
+
+def test_device_plumbing_keeps_every_tensor_on_the_weights_device(tiny_llama):
+    engine = readout.Readout(lenskit.ModelAdapter(tiny_llama), precision="bf16")
+    h = torch.randn(5, tiny_llama.cfg.d_model)
+    logits = engine.logits(h)
+    assert logits.dtype == torch.float32 and logits.device == engine.device
+    assert engine.reference(h).probs.device == engine.device
+    assert engine.dtype == torch.bfloat16
+
+
+def test_trajectory_memory_is_bounded_by_its_blocks(tiny_llama, monkeypatch):
+    """A long prompt is read a block of positions at a time, never a full [pos, vocab]."""
+    seen = []
+    original = readout.Readout.logits
+
+    def spy(self, h):
+        out = original(self, h)
+        seen.append(out.numel() // out.shape[-1])
+        return out
+
+    monkeypatch.setattr(readout.Readout, "logits", spy)
+    monkeypatch.setattr(trajectory_module, "POSITIONS_PER_BLOCK", 8)
+    calls = []
+    lens = lenskit.get_lens("logit", tiny_llama)
+    tokens = torch.randint(0, tiny_llama.cfg.d_vocab, (40,), generator=torch.Generator())
+    traj = lenskit.trajectory(
+        tiny_llama, lens, tokens, on_progress=lambda d, t: calls.append((d, t))
+    )
+    assert max(seen) <= readout.MATMUL_ROWS and max(seen) <= 8 * lens.adapter.n_rows
+    assert not torch.isnan(traj.kl_to_final).any()
+    assert calls[-1][0] == calls[-1][1] == 40 * lens.adapter.n_rows
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.tensor([1, 99999]), "token id 99999 is outside the model's vocabulary"),
+        (torch.tensor([-1, 2]), "token id -1 is outside the model's vocabulary"),
+        (torch.tensor([1.7, 2.2]), "token ids must be integers, got torch.float32"),
+    ],
+)
+def test_bad_token_ids_are_one_line_errors(tiny_llama, ids, message):
+    lens = lenskit.get_lens("logit", tiny_llama)
+    with pytest.raises(LenskitError, match=message) as info:
+        lenskit.trajectory(tiny_llama, lens, ids)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_precision_choices_are_the_engines():
+    from lenskit.commands.trajectory import PRECISION_CHOICES
+
+    assert PRECISION_CHOICES == readout.PRECISIONS
+
+
+def test_cli_help_and_argument_errors_import_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom lenskit.cli import main\n"
+        "for argv in (['--help'], ['trajectory', '--prompt', ''], ['eval', '--tokens', '0', "
+        "'--out', 'x'], ['trajectory', '--prompt', 'a', '--rows', '1-x']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout
+
+
+def test_cli_rows_and_positions_limit_the_cells(capsys, tmp_path):
+    import json
+
+    from lenskit.cli import main
+
+    out = tmp_path / "t.json"
+    args = ["trajectory", "--model", "tiny-llama", "--prompt", "a b c d e f", "--quiet"]
+    assert main([*args, "--rows", "0,2-3", "--positions", "1:4", "--json", str(out)]) == 0
+    cells = json.loads(out.read_text())["cells"]
+    assert sorted({c["layer"] for c in cells}) == [0, 2, 3]
+    assert sorted({c["pos"] for c in cells}) == [1, 2, 3]
+    assert main([*args, "--positions", "4"]) == 2
+    assert "START:STOP" in capsys.readouterr().err
+
+
+def test_evaluation_stops_with_the_result_so_far_and_estimates_its_time(tiny_llama, corpus_dir):
+    from lenskit.evaluation import evaluate, expected_seconds
+
+    lens = lenskit.get_lens("logit", tiny_llama)
+    assert expected_seconds(tiny_llama, [lens], 4096) > 0
+    kept = []
+
+    def stop_after_two(result):
+        kept.append(result)
+        if len(kept) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(
+            tiny_llama,
+            [lens],
+            str(corpus_dir),
+            tokens=256,
+            seq_len=16,
+            batch_size=2,
+            progress=False,
+            on_result=stop_after_two,
+        )
+    assert [r.chunks for r in kept] == [2, 4] and kept[-1].tokens == 64
+    full = evaluate(
+        tiny_llama, [lens], str(corpus_dir), tokens=64, seq_len=16, batch_size=2, progress=False
+    )
+    assert full.metrics["kl_bits"].tolist() == pytest.approx(kept[-1].metrics["kl_bits"].tolist())
+
+
+def test_the_bf16_switch_never_overlaps_a_guarded_float32_matmul():
+    """While one thread reads in bf16, another's guarded float32 work waits, and vice versa."""
+    import threading
+    import time
+
+    seen, order = [], []
+    inside = threading.Event()
+
+    def guarded():
+        inside.wait(5)
+        with precision.fp32_matmuls():
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+            order.append("fp32")
+
+    worker = threading.Thread(target=guarded)
+    worker.start()
+    with precision.bf16_inside_fp32():
+        inside.set()
+        time.sleep(0.2)  # the worker is waiting now
+        order.append("switched")
+    worker.join(5)
+    assert order == ["switched", "fp32"] and seen and "bf16" not in seen
+
+    release, holding = threading.Event(), threading.Event()
+
+    def holder():
+        with precision.fp32_matmuls():
+            holding.set()
+            release.wait(5)
+            order.append("held")
+
+    worker = threading.Thread(target=holder)
+    worker.start()
+    holding.wait(5)
+    threading.Timer(0.2, release.set).start()
+    with precision.bf16_inside_fp32():
+        order.append("switched again")
+    worker.join(5)
+    assert order[-2:] == ["held", "switched again"]

@@ -1,0 +1,369 @@
+"""Training settings from one source, typed run state, bf16 KL steps, budgets, folder locks,
+SIGTERM, stale temporary files, and unfinished runs in the app."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randomised, write_corpus
+from streamlit.testing.v1 import AppTest
+
+import lenskit_app.state as S
+from lenskit import cli
+from lenskit.commands.flags import add_flags, config_from_args
+from lenskit.errors import LenskitError
+from lenskit.residual import tokenize
+from lenskit.training import (
+    CHECKPOINT_FILE,
+    QUICK,
+    RunState,
+    TrainConfig,
+    checkpoint_config,
+    train_tuned_lens,
+    unfinished_runs,
+)
+from lenskit.training.checkpoints import load_checkpoint
+from lenskit.training.kl_step import Bf16Unembedding, bf16_logsumexp, kl_step
+from lenskit.training.lock import LOCK_FILE, FolderLock, holder
+from lenskit_app.paths import DIRS_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(
+    model="tiny-llama",
+    tokens=256,
+    seq_len=32,
+    tokens_per_step=64,
+    lstsq_tokens=512,
+    eval_tokens=64,
+    val_tokens=64,
+    checkpoint_every=0,
+)
+
+
+def small(corpus_dir: Path, **changes) -> TrainConfig:
+    return TrainConfig(**{**SMALL, "data": str(corpus_dir), **changes})
+
+
+# --- one source of settings -------------------------------------------------------------
+
+
+def test_cli_flags_take_every_default_from_the_config():
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--out", "x"])
+    for f in dataclasses.fields(TrainConfig):
+        assert getattr(args, f.name) == getattr(TrainConfig(), f.name) or (
+            f.name == "lr" and args.lr is None
+        ), f.name
+    choices = {
+        a.dest: a.choices for a in parser._subparsers._group_actions[0].choices["train"]._actions
+    }
+    assert choices["optimizer"] == ("adam", "sgd") and choices["precision"][0] == "auto"
+
+
+def test_flags_from_any_dataclass():
+    @dataclasses.dataclass(frozen=True)
+    class Demo:
+        n_items: int = dataclasses.field(default=3, metadata={"help": "how many"})
+        name: str | None = None
+        rate: float = 0.5
+        kind: str = dataclasses.field(default="a", metadata={"choices": ("a", "b")})
+        keep: bool = True
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Demo, defaults=Demo(n_items=7))
+    assert "how many" in parser.format_help()
+    args = parser.parse_args(["--rate", "2", "--kind", "b", "--no-keep", "--name", "z"])
+    assert config_from_args(Demo, args) == Demo(7, "z", 2.0, "b", False)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kind", "c"])
+
+
+def test_the_app_preset_is_a_config_and_smaller():
+    assert isinstance(QUICK, TrainConfig)
+    assert QUICK.tokens < TrainConfig().tokens and QUICK.lstsq_tokens < TrainConfig().lstsq_tokens
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.setenv(DIRS_ENV, str(tmp_path))
+    write_corpus(tmp_path / "corpus")
+    return tmp_path.resolve()
+
+
+def _train_page(**state) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.session_state[S.MODEL] = "tiny-llama"
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    at.switch_page("pages/train.py")
+    return at.run()
+
+
+APP_FIELDS = {
+    "Tokens per sequence": "seq_len",
+    "Tokens per step": "tokens_per_step",
+    "Fine-tuning tokens": "tokens",
+    "Closed-form tokens": "lstsq_tokens",
+    "Held-out tokens (report)": "eval_tokens",
+    "Validation tokens": "val_tokens",
+    "Seed": "seed",
+    "Minutes": "minutes",
+}
+
+
+def test_the_train_page_takes_its_defaults_from_the_preset(workdir):
+    at = _train_page()
+    assert not at.exception, at.exception
+    boxes = {b.label: b.value for b in at.number_input}
+    for label, name in APP_FIELDS.items():
+        assert boxes[label] == getattr(QUICK, name), label
+
+
+# --- typed run state --------------------------------------------------------------------
+
+
+def test_the_checkpoint_is_a_run_state(tiny_llama, corpus_dir, tmp_path):
+    def stop(p):
+        if p.phase == "fine-tune":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tuned_lens(tiny_llama, small(corpus_dir), tmp_path, progress=False, on_progress=stop)
+    state = load_checkpoint(tmp_path)
+    assert isinstance(state, RunState) and state.phase == "kl" and state.step == 1
+    assert RunState.from_dict(state.to_dict()) == state
+    with pytest.raises(ValueError, match="unknown run-state keys"):
+        RunState.from_dict({**state.to_dict(), "extra": 1})
+
+
+# --- bfloat16 KL steps --------------------------------------------------------------------
+
+
+def test_the_training_precision_is_the_readouts_choice(monkeypatch):
+    from lenskit.training.precision import resolve_precision
+
+    for env, auto in (("exact", "float32"), ("bf16", "bfloat16"), ("fp16", "float32")):
+        monkeypatch.setenv("LENSKIT_PRECISION", env)
+        assert resolve_precision("auto", "cpu") == auto
+        assert resolve_precision("float32", "cpu") == "float32"  # a setting beats the variable
+        assert resolve_precision("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setenv("LENSKIT_PRECISION", "half")
+    with pytest.raises(LenskitError, match="LENSKIT_PRECISION"):
+        resolve_precision("auto", "cpu")
+
+
+def test_bf16_logsumexp_matches_float64_for_any_shift():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=gen)
+    w, b = torch.randn(16, 300, generator=gen), torch.randn(300, generator=gen)
+    expected = torch.logsumexp((x.double() @ w.double() + b.double()), -1)
+    un = Bf16Unembedding(w, b)
+    for shift in (expected.float(), expected.float() - 40, expected.float() + 500, torch.zeros(40)):
+        got = bf16_logsumexp(x, un, shift)
+        assert torch.allclose(got.double(), expected, atol=0.1, rtol=0), shift[:2]
+
+
+def test_bf16_kl_step_matches_float32(tiny_llama):
+    tokens = tokenize(tiny_llama, "The tuned lens reads every layer. " * 3)
+    grads, sums = [], []
+    for bf16 in (False, True):
+        lens = randomised(tiny_llama, scale=0.02)
+        un = Bf16Unembedding(lens.adapter.W_U, lens.adapter.b_U) if bf16 else None
+        sums.append(kl_step(lens, tiny_llama, tokens, scale=0.01, bf16=un))
+        grads.append(torch.cat([p.grad.flatten() for p in lens.parameters()]))
+    assert torch.allclose(sums[0], sums[1], rtol=0.02, atol=0.02)
+    assert (grads[0] - grads[1]).norm() < 0.05 * grads[0].norm()
+
+
+@pytest.mark.parametrize("points", [("resid_pre",), ("resid_pre", "resid_mid")])
+def test_blocked_kl_step_matches_the_layer_by_layer_float64_step(tiny_llama, monkeypatch, points):
+    """Token chunks, several layers per matmul and bf16 give the float64 gradients."""
+    from lenskit.training import kl_step as fitting
+
+    tokens = tokenize(tiny_llama, "The tuned lens reads every layer. " * 3)
+    lens = randomised(tiny_llama, scale=0.02)
+    if points != ("resid_pre",):
+        lens = type(lens)(lens.adapter, dtype=torch.float32, points=points)
+        with torch.no_grad():
+            for p in lens.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    state = {k: v.clone() for k, v in lens.state_dict().items()}
+
+    def run(bf16: bool, blocked: bool, plain: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        lens.load_state_dict(state)
+        lens.zero_grad(set_to_none=True)
+        with monkeypatch.context() as patch:
+            if blocked:  # 5-token chunks, blocks of 2 layers (10 rows) per matmul
+                patch.setattr(fitting, "ROWS_PER_READOUT", 5)
+                patch.setattr(fitting, "MATMUL_ROWS", {torch.bfloat16: 10, torch.float32: 10})
+            if not plain:
+                patch.setattr(fitting, "_plain_unembed", lambda adapter: False)
+            un = Bf16Unembedding(lens.adapter.W_U, lens.adapter.b_U) if bf16 else None
+            sums = fitting.kl_step(lens, tiny_llama, tokens, scale=0.01, bf16=un)
+        return sums, torch.cat([p.grad.flatten() for p in lens.parameters()])
+
+    with torch.no_grad():  # the float64 reference: the generic path on a float64 copy
+        for module in (tiny_llama, lens):
+            module.double()
+    try:
+        ref_sums, ref_grad = run(False, False, plain=False)
+    finally:
+        for module in (tiny_llama, lens):
+            module.float()
+    state = {k: v.float() for k, v in state.items()}
+    for bf16, tol in ((False, 1e-4), (True, 0.05)):
+        sums, grad = run(bf16, True)
+        assert sums.shape == ref_sums.shape
+        assert torch.allclose(sums, ref_sums, rtol=tol, atol=tol)
+        assert (grad.double() - ref_grad).norm() < tol * ref_grad.norm()
+
+
+def test_a_bf16_run_trains_and_says_so(tiny_llama, corpus_dir, tmp_path):
+    result = train_tuned_lens(
+        tiny_llama, small(corpus_dir, precision="bfloat16"), tmp_path, progress=False
+    )
+    assert result.precision == "bfloat16"
+    assert sum(result.tuned_kl) < 0.8 * sum(result.logit_kl)
+
+
+# --- a wall-clock budget ------------------------------------------------------------------
+
+
+def test_a_budget_run_plans_its_steps_and_can_skip_the_report(tiny_llama, corpus_dir, tmp_path):
+    config = small(corpus_dir, minutes=0.25, tokens=0, report=False)
+    result = train_tuned_lens(tiny_llama, config, tmp_path, progress=False)
+    assert result.steps >= 1  # tokens=0 is ignored under a budget
+    assert not result.reported
+    assert (tmp_path / "config.json").is_file() and not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+@pytest.mark.parametrize(("seconds_per_token", "tokens"), [(1e-9, 128), (0.0112, 40), (100.0, 0)])
+def test_a_budget_shrinks_or_skips_evaluations_it_has_no_time_for(
+    tiny_llama, corpus_dir, tmp_path, monkeypatch, seconds_per_token, tokens
+):
+    from lenskit.training.phases import Phases
+
+    # As if an evaluation took this long per token and lens: the report's share (15% of
+    # 6 s) holds 0.9 / (2 * spt) tokens, whole chunks of 64 where one fits, else the first
+    # positions of one; the validation choice gets half that, or is left out.
+    monkeypatch.setattr(Phases, "_probe_eval", lambda self, chunks: seconds_per_token)
+    config = small(
+        corpus_dir, minutes=0.1, tokens=0, seq_len=64, eval_tokens=128, tokens_per_step=64
+    )
+    result = train_tuned_lens(tiny_llama, config, tmp_path, progress=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["held_out_tokens"] == tokens
+    assert result.reported == bool(tokens)
+    assert any("no held-out report" in n for n in result.notes) == (not tokens)
+    assert any("no validation choice" in n for n in metrics["notes"]) == (tokens != 128)
+
+
+# --- one run per folder -------------------------------------------------------------------
+
+
+def _hold_and_die(out: str, ready) -> None:
+    lock = FolderLock(out)
+    lock.__enter__()
+    ready.set()
+    signal.pause()
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_holder_frees_it(tiny_llama, corpus_dir, tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_and_die, args=(str(tmp_path), ready))
+    proc.start()
+    try:
+        assert ready.wait(30)
+        assert holder(tmp_path) == f"pid {proc.pid} on {os.uname().nodename}"
+        with pytest.raises(LenskitError, match="in use by another training run") as err:
+            train_tuned_lens(tiny_llama, small(corpus_dir), tmp_path, progress=False)
+        assert "\n" not in str(err.value) and f"pid {proc.pid}" in str(err.value)
+        assert not (tmp_path / "config.json").exists()
+    finally:
+        proc.kill()  # a crash: the lock file stays, the lock goes with the process
+        proc.join()
+    assert (tmp_path / LOCK_FILE).exists() and holder(tmp_path) is None
+    train_tuned_lens(tiny_llama, small(corpus_dir, tokens=0), tmp_path, progress=False)
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_the_cli_refuses_a_folder_in_use_in_one_line(corpus_dir, tmp_path, capsys):
+    with FolderLock(tmp_path):
+        argv = ["train", "--model", "tiny-llama", "--data", str(corpus_dir), "--out"]
+        assert cli.main([*argv, str(tmp_path), "--seq-len", "32", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "in use by another training run" in err and err.count("\n") == 1
+
+
+def test_the_app_refuses_a_folder_in_use(workdir):
+    out = workdir / "lenses" / "tiny-llama" / "tuned-1"
+    with FolderLock(out):
+        at = _train_page()
+        at.text_input(key="train_out_tiny-llama").set_value(str(out)).run()
+        assert any("A training run is using" in w.value for w in at.warning)
+        assert next(b for b in at.button if b.label == "Start").disabled
+
+
+# --- SIGTERM and stale temporary files ------------------------------------------------------
+
+
+def test_sigterm_checkpoints_like_ctrl_c(tiny_llama, corpus_dir, tmp_path):
+    def term(p):
+        if p.phase == "fine-tune" and p.done == 128:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tuned_lens(tiny_llama, small(corpus_dir), tmp_path, progress=False, on_progress=term)
+    assert load_checkpoint(tmp_path).step == 2
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(
+        signal.getsignal(signal.SIGTERM)
+    )
+
+
+def test_a_resume_removes_temporary_files_of_killed_writers(tiny_llama, corpus_dir, tmp_path):
+    def stop(p):
+        if p.phase == "fine-tune":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tuned_lens(tiny_llama, small(corpus_dir), tmp_path, progress=False, on_progress=stop)
+    stale = tmp_path / f".{CHECKPOINT_FILE}.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train_tuned_lens(tiny_llama, small(corpus_dir), tmp_path, resume=True, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.json", "params.pt"]
+
+
+# --- unfinished runs in the app -------------------------------------------------------------
+
+
+def test_the_train_page_lists_unfinished_runs_with_resume_and_delete(workdir, tiny_llama):
+    home = workdir / "lenses" / "tiny-llama"
+    config = small(workdir / "corpus")
+    for name in ("tuned-1", "tuned-2"):
+
+        def stop(p):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            train_tuned_lens(tiny_llama, config, home / name, progress=False, on_progress=stop)
+    assert [r.path.name for r in unfinished_runs([home])] == ["tuned-2", "tuned-1"]
+    at = _train_page()
+    assert at.text_input(key="train_out_tiny-llama").value.endswith("tuned-3")
+    assert any("tuned-1" in m.value for m in at.markdown)
+    next(b for b in at.button if b.key == f"delete_{home / 'tuned-2'}").click().run()
+    assert not (home / "tuned-2").exists()
+    next(b for b in at.button if b.key == f"resume_{home / 'tuned-1'}").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert (home / "tuned-1" / "config.json").is_file()
+    assert checkpoint_config(home / "tuned-1") is None
+    assert at.session_state[S.TRAIN]["status"] == "done"
