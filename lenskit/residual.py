@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from lenskit.errors import LenskitError
 from lenskit.models import model_lock
+from lenskit.typing import Hidden, LayerHidden, Logits, TokenIds
 
 __all__ = [
     "POINTS",
@@ -80,12 +80,12 @@ class ResidualCapture:
         final: The model's final residual (output of the last block).
     """
 
-    tokens: Int[Tensor, "batch pos"]
-    logits: Float[Tensor, "batch pos d_vocab"] | None
-    points: dict[str, Float[Tensor, "layer batch pos d_model"]] = field(repr=False)
-    final: Float[Tensor, "batch pos d_model"] = field(repr=False)
+    tokens: TokenIds
+    logits: Logits | None
+    points: dict[str, LayerHidden] = field(repr=False)
+    final: Hidden = field(repr=False)
 
-    def stack(self, point: str = "resid_pre") -> Float[Tensor, "layer batch pos d_model"]:
+    def stack(self, point: str = "resid_pre") -> LayerHidden:
         """Block-by-block stack of one point."""
         if point not in self.points:
             raise LenskitError(
@@ -93,7 +93,7 @@ class ResidualCapture:
             )
         return self.points[point]
 
-    def row_stack(self, rows: Sequence[Any]) -> Float[Tensor, "layer batch pos d_model"]:
+    def row_stack(self, rows: Sequence[Any]) -> LayerHidden:
         """The residual at each :class:`~lenskit.models.Row`, stacked in the order given."""
         return torch.stack(
             [
@@ -102,7 +102,7 @@ class ResidualCapture:
             ]
         )
 
-    def lens_rows(self) -> Float[Tensor, "layer batch pos d_model"]:
+    def lens_rows(self) -> LayerHidden:
         """Rows a lens reads: every block input, then the final residual."""
         return torch.cat([self.stack("resid_pre"), self.final.unsqueeze(0)], dim=0)
 
@@ -112,7 +112,7 @@ def row_capture_points(rows: Sequence[Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(row.point for row in rows if row.point != "resid_post"))
 
 
-def tokenize(model: Any, prompt: str | Sequence[int] | Tensor) -> Int[Tensor, "batch pos"]:
+def tokenize(model: Any, prompt: str | Sequence[int] | Tensor) -> TokenIds:
     """Tokenize a prompt the way the model does (with its BOS token), checking its length.
 
     Args:
@@ -148,7 +148,7 @@ class _FinalResidualReached(Exception):
 
 def capture(
     model: Any,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: TokenIds,
     *,
     points: Sequence[str] = ("resid_pre",),
     logits: bool = True,
@@ -195,9 +195,7 @@ def capture(
     return ResidualCapture(tokens=tokens, logits=output, points=stacks, final=store[final_name])
 
 
-def residual_stack(
-    model: Any, tokens: Int[Tensor, "batch pos"]
-) -> tuple[Float[Tensor, "layer batch pos d_model"], Float[Tensor, "batch pos d_vocab"]]:
+def residual_stack(model: Any, tokens: TokenIds) -> tuple[LayerHidden, Logits]:
     """Every block input and the final residual, plus the model's logits, in one pass."""
     cap = capture(model, tokens)
     return cap.lens_rows(), cap.logits

@@ -204,13 +204,19 @@ st.button(
 )
 bar = st.progress(0.0, text="Reading and tokenizing the corpus…")
 cells = [column.empty() for column in st.columns(4)]
-PHASES = {"closed-form": "Closed-form start", "fine-tune": "KL fine-tuning"}
+PHASES = {
+    "closed-form": "Closed-form start",
+    "fine-tune": "KL fine-tuning",
+    "score": "Scoring on held-out text",
+}
 
 
 def show(p):
     """Draw a progress report (each draw is where a Stop click interrupts the run)."""
-    done = " — done; scoring the lens…" if p.fraction >= 1 else ""
-    bar.progress(p.fraction, text=f"{PHASES[p.phase]}: {p.done:,} / {p.total:,} tokens{done}")
+    done = " — done" if p.fraction >= 1 and p.phase != "score" else ""
+    bar.progress(
+        p.fraction, text=f"{PHASES.get(p.phase, p.phase)}: {p.done:,} / {p.total:,} tokens{done}"
+    )
     cells[0].metric("Tokens/s", f"{p.tokens_per_s:,.0f}")
     cells[1].metric("KL (bits)", "—" if p.kl_bits is None else f"{p.kl_bits:.3f}")
     cells[2].metric("ETA (this phase)", jobs.eta_text(p.eta_seconds))

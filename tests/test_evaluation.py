@@ -429,7 +429,7 @@ def test_interrupted_write_leaves_no_results(cli_env, capsys, monkeypatch):
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(eval_cmd, "save_figure", failing)
+    monkeypatch.setattr("lenskit.export.save_figure", failing)
     code, _, err = run_cli(
         capsys, "--data", str(cli_env / "data.txt"), "--tokens", "64", "--out", str(cli_env / "o")
     )
@@ -439,14 +439,14 @@ def test_interrupted_write_leaves_no_results(cli_env, capsys, monkeypatch):
 
 
 def test_png_is_skipped_with_a_note_without_a_browser(cli_env, monkeypatch, capsys):
-    real = eval_cmd.save_figure
+    from lenskit.export import save_figure as real
 
     def no_browser(fig, path, **kw):
         if str(path).endswith(".png"):
             raise LenskitError("no Chrome or Chromium was found for .png export: save as .html")
         return real(fig, path, **kw)
 
-    monkeypatch.setattr(eval_cmd, "save_figure", no_browser)
+    monkeypatch.setattr("lenskit.export.save_figure", no_browser)
     code = cli.main(
         [
             "eval",

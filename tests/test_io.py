@@ -34,3 +34,32 @@ def test_written_files_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.txt").stat().st_mode) == 0o644
+
+
+def test_a_writer_killed_mid_write_leaves_no_temp_file_after_the_next_write(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "result.json"
+    code = (
+        "import sys, time\n"
+        "from lenskit.io import atomic_open\n"
+        "with atomic_open(sys.argv[1]) as f:\n"
+        "    f.write('partial'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    left = list(tmp_path.glob(".result.json.*.tmp"))
+    assert len(left) == 1 and not target.exists()  # the kill left its temporary file
+    mine = tmp_path / f".result.json.{os.getpid()}.live.tmp"  # a write in progress here
+    mine.write_text("x")
+    time.sleep(0.01)
+    atomic_write_json(target, {"ok": True})
+    assert json.loads(target.read_text()) == {"ok": True}
+    assert sorted(tmp_path.glob(".result.json.*.tmp")) == [mine]

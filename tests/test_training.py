@@ -256,6 +256,7 @@ def test_a_budget_shrinks_or_skips_evaluations_it_has_no_time_for(
     # 6 s) holds 0.9 / (2 * spt) tokens, whole chunks of 64 where one fits, else the first
     # positions of one; the validation choice gets half that, or is left out.
     monkeypatch.setattr(Phases, "_probe_eval", lambda self, chunks: seconds_per_token)
+    monkeypatch.setattr(Phases, "_eval_rate", lambda self, seconds, n: seconds_per_token)
     config = small(
         corpus_dir, minutes=0.1, tokens=0, seq_len=64, eval_tokens=128, tokens_per_step=64
     )
@@ -367,3 +368,17 @@ def test_the_train_page_lists_unfinished_runs_with_resume_and_delete(workdir, ti
     assert (home / "tuned-1" / "config.json").is_file()
     assert checkpoint_config(home / "tuned-1") is None
     assert at.session_state[S.TRAIN]["status"] == "done"
+
+
+def test_scoring_the_lens_reports_progress(tiny_llama, corpus_dir, tmp_path):
+    seen = []
+    train_tuned_lens(
+        tiny_llama,
+        small(corpus_dir),
+        tmp_path,
+        progress=False,
+        on_progress=lambda p: seen.append((p.phase, p.done, p.total)),
+    )
+    scores = [(done, total) for phase, done, total in seen if phase == "score"]
+    assert scores and all(0 < done <= total for done, total in scores)
+    assert scores[-1][0] == scores[-1][1]  # the last report is the whole held-out set

@@ -2,12 +2,13 @@
 
 - :mod:`~lenskit.causal.extraction`: :func:`extract_causal_basis`, the greedy search.
 - :mod:`~lenskit.causal.influence`: ablating a direction and measuring its influence.
+- :mod:`~lenskit.causal.ablation`: the ablation itself and its reference values.
+- :mod:`~lenskit.causal.objective`: the lens influence as a differentiable function.
 
 Saved bases (:class:`~lenskit.lenses.basis.CausalBasis`) live with the lens that reads them.
 """
 
-import importlib
-from typing import Any
+from lenskit.lazy import install
 
 # Public names load on first use: `from lenskit.x import Config` stays light.
 _LAZY = {
@@ -26,15 +27,4 @@ __all__ = [
     "model_influence",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use (keeps the command line's start light)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+install(__name__, _LAZY)

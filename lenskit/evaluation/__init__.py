@@ -6,10 +6,7 @@
 - :mod:`~lenskit.evaluation.chunks`: the token chunks an evaluation reads.
 """
 
-import importlib
-import sys
-import types
-from typing import Any
+from lenskit.lazy import install
 
 # Public names load on first use: `from lenskit.x import Config` stays light.
 _LAZY = {
@@ -37,24 +34,5 @@ __all__ = [
 ]
 
 
-class _Package(types.ModuleType):
-    """Public names load on first use; ``layer_kl`` stays the function once its module loads."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name not in _LAZY:
-            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        super().__setattr__(name, value)
-        return value
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # the import system sets a submodule as an attribute of its package
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == value.__name__:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-    def __dir__(self) -> list[str]:
-        return sorted({*super().__dir__(), *_LAZY})
-
-
-sys.modules[__name__].__class__ = _Package
+# `layer_kl` stays the function once its module of the same name loads.
+install(__name__, _LAZY)

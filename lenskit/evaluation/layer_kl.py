@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from lenskit.data import TokenChunks
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, point_rows
 from lenskit.metrics import LN2, Reference
+from lenskit.progress import Progress, ProgressCallback
 from lenskit.readout import MATMUL_ROWS, Readout, fp32_matmuls
 from lenskit.residual import capture, row_capture_points
 
@@ -47,6 +49,7 @@ def layer_kl_sums(
     progress: bool = False,
     precision: str | None = None,
     points: Sequence[str] = ("resid_pre",),
+    on_progress: ProgressCallback | None = None,
 ) -> Float[Tensor, "lens layer"]:
     """Summed ``KL(model output || lens)`` in nats per lens and block input, over all tokens.
 
@@ -62,6 +65,8 @@ def layer_kl_sums(
         precision: The readout's matmul precision (see :mod:`lenskit.readout`).
         points: Residual points read in each block; ``("resid_pre", "resid_mid")``
             also scores the ``L12.mid`` rows (stream order: ``L0``, ``L0.mid``, ``L1``, ...).
+        on_progress: Called with a :class:`~lenskit.progress.Progress` (phase ``"score"``,
+            tokens done) after each batch.
 
     Returns:
         ``[len(lenses), rows]`` float64 sums (divide by ``tokens.numel()`` for means),
@@ -81,6 +86,7 @@ def layer_kl_sums(
         starts = tqdm(starts, desc="held-out KL", unit="batch", leave=False)
     device = lenses[0].adapter.W_U.device if lenses else "cpu"
     engine = Readout(lenses[0].adapter, precision) if lenses else None
+    tic = time.perf_counter()
     with torch.no_grad():
         for start in starts:
             batch = tokens[start : start + batch_size].to(device)
@@ -95,6 +101,9 @@ def layer_kl_sums(
                         with fp32_matmuls():
                             moved = lens.transform_point(rows[k], row.layer, row.point)
                         sums[i, k] += engine.kl_nats(moved, reference).double().sum().cpu()
+            if on_progress is not None:
+                done, spent = (start + len(batch)) * tokens.shape[1], time.perf_counter() - tic
+                on_progress(Progress("score", done, tokens.numel(), done / spent, spent))
     sums[~torch.tensor(covered, dtype=torch.bool).view(len(lenses), n_layers)] = math.nan
     return sums
 

@@ -17,22 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lenskit.errors import LenskitError
+from lenskit.lenses.fields import check_int, check_optional_text
 
 __all__ = ["JLensInfo", "JLensModelRecord"]
-
-
-def _int(value: Any, name: str, minimum: int, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LenskitError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _text(value: Any, name: str) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise LenskitError(f"{name} must be a string or absent, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -53,10 +40,10 @@ class JLensModelRecord:
 
     @staticmethod
     def _check(values: dict[str, Any]) -> dict[str, Any]:
-        _text(values.get("model"), "lenskit.model")
-        _text(values.get("architecture"), "lenskit.architecture")
+        check_optional_text(values.get("model"), "lenskit.model", absent="absent")
+        check_optional_text(values.get("architecture"), "lenskit.architecture", absent="absent")
         for name in ("n_layers", "d_model", "d_vocab"):
-            _int(values.get(name), f"lenskit.{name}", 1, optional=True)
+            check_int(values.get(name), f"lenskit.{name}", 1, optional=True)
         if not isinstance(values.get("info", {}), dict):
             raise LenskitError("lenskit provenance must be a dict")
         return values
@@ -109,22 +96,22 @@ class JLensInfo:
     @staticmethod
     def _check(values: dict[str, Any]) -> dict[str, Any]:
         """The fields checked; ``source_layers`` as a sorted tuple."""
-        _int(values.get("n_prompts"), "n_prompts", 1)
-        _int(values.get("d_model"), "d_model", 1)
+        check_int(values.get("n_prompts"), "n_prompts", 1)
+        check_int(values.get("d_model"), "d_model", 1)
         layers = values.get("source_layers")
         if not isinstance(layers, (list, tuple)) or not layers:
             raise LenskitError(f"source_layers must be a non-empty list, got {layers!r}")
-        checked = tuple(sorted(int(_int(v, "each source layer", 0) or 0) for v in layers))
+        checked = tuple(sorted(int(check_int(v, "each source layer", 0) or 0) for v in layers))
         if len(set(checked)) != len(checked):
             raise LenskitError(f"source_layers repeats a layer: {list(layers)[:8]}")
-        _text(values.get("model_name"), "metadata model_name")
-        _text(values.get("estimator"), "metadata estimator")
-        _int(values.get("target_layer"), "metadata target_layer", 0, optional=True)
+        check_optional_text(values.get("model_name"), "metadata model_name", absent="absent")
+        check_optional_text(values.get("estimator"), "metadata estimator", absent="absent")
+        check_int(values.get("target_layer"), "metadata target_layer", 0, optional=True)
         extra = values.get("extra", {})
         if not isinstance(extra, dict):
             raise LenskitError("extra metadata must be a dict")
         if "n_prompts" in extra:  # a TransformerLens fit records its prompt count too
-            _int(extra["n_prompts"], "metadata n_prompts", 1)
+            check_int(extra["n_prompts"], "metadata n_prompts", 1)
         return {**values, "source_layers": checked}
 
     def metadata(self) -> dict[str, Any]:

@@ -18,22 +18,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from lenskit.errors import LenskitError
+from lenskit.lenses.fields import check_int, check_optional_text
 
 __all__ = ["LENS_TYPE", "LenskitRecord", "TunedLensConfig"]
 
 LENS_TYPE = "linear_tuned_lens"
-
-
-def _optional_text(value: Any, name: str) -> None:
-    if value is not None and not isinstance(value, str):
-        raise LenskitError(f"{name} must be a string or null, got {value!r}")
-
-
-def _positive(value: Any, name: str, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LenskitError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -59,9 +48,9 @@ class LenskitRecord:
 
     @staticmethod
     def _check(values: dict[str, Any]) -> dict[str, Any]:
-        _optional_text(values.get("model"), "lenskit.model")
-        _optional_text(values.get("architecture"), "lenskit.architecture")
-        _positive(values.get("d_vocab"), "lenskit.d_vocab", optional=True)
+        check_optional_text(values.get("model"), "lenskit.model")
+        check_optional_text(values.get("architecture"), "lenskit.architecture")
+        check_int(values.get("d_vocab"), "lenskit.d_vocab", 1, optional=True)
         info = values.get("info", {})
         if not isinstance(info, dict):
             raise LenskitError("lenskit provenance must be an object")
@@ -110,13 +99,13 @@ class TunedLensConfig:
 
     @staticmethod
     def _check(values: dict[str, Any]) -> dict[str, Any]:
-        _positive(values["d_model"], "d_model")
-        _positive(values["num_hidden_layers"], "num_hidden_layers")
+        check_int(values["d_model"], "d_model", 1)
+        check_int(values["num_hidden_layers"], "num_hidden_layers", 1)
         bias = values.get("bias", True)
         if not isinstance(bias, bool):
             raise LenskitError(f"bias must be true or false, got {bias!r}")
         for name in ("base_model_name_or_path", "base_model_revision", "unembed_hash"):
-            _optional_text(values.get(name), name)
+            check_optional_text(values.get(name), name)
         lens_type = values.get("lens_type", LENS_TYPE)
         if lens_type != LENS_TYPE:
             raise LenskitError(

@@ -7,7 +7,8 @@
 - :mod:`~lenskit.training.kl_step`: one exact-KL gradient step (float32 or bfloat16
   matmuls), and the optimizer; :mod:`~lenskit.training.precision` takes the readout's
   precision choice (``LENSKIT_PRECISION``, else measured).
-- :mod:`~lenskit.training.phases`: the phases of a run and its wall-clock planning.
+- :mod:`~lenskit.training.phases`: the phases of a run.
+- :mod:`~lenskit.training.clock`: a run's state, checkpoints and wall-clock planning.
 - :mod:`~lenskit.training.loop`: :func:`train_tuned_lens`, the resumable run.
 - :mod:`~lenskit.training.result`: :class:`TrainResult` and ``metrics.json``.
 - :mod:`~lenskit.training.checkpoints`: what an output folder holds; unfinished runs.
@@ -16,8 +17,7 @@
 - :mod:`~lenskit.training.jacobian`: fitting a J-lens prompt by prompt.
 """
 
-import importlib
-from typing import Any
+from lenskit.lazy import install
 
 # Public names load on first use: `from lenskit.x import Config` stays light.
 _LAZY = {
@@ -50,15 +50,4 @@ __all__ = [
     "unfinished_runs",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use (keeps the command line's start light)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+install(__name__, _LAZY)
