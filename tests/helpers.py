@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: a small corpus on disk and randomised tuned lenses."""
+"""Helpers shared by the tests: a small corpus on disk, randomised tuned lenses, and a
+small training config."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from lenskit.data import default_corpus
 from lenskit.lenses.tuned import TunedLens
+from lenskit.training.config import TrainConfig
 
 
 def write_corpus(folder: Path) -> Path:
@@ -26,3 +28,21 @@ def randomised(model, scale: float = 0.05, seed: int = 0) -> TunedLens:
         for p in lens.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return lens.eval()
+
+
+SMALL = dict(
+    model="tiny-llama",
+    tokens=256,
+    seq_len=32,
+    tokens_per_step=64,
+    lstsq_tokens=512,
+    eval_tokens=256,
+    val_tokens=64,
+    checkpoint_every=0,
+)
+"""A training run of a few seconds on tiny-llama."""
+
+
+def small(corpus_dir: Path, **changes) -> TrainConfig:
+    """:data:`SMALL` on the corpus in ``corpus_dir``, with ``changes``."""
+    return TrainConfig(**{**SMALL, "data": str(corpus_dir), **changes})

@@ -4,23 +4,13 @@ import math
 
 import pytest
 import torch
+from helpers import small
 
 from lenskit.evaluation import evaluate
 from lenskit.lenses.logit import LogitLens
 from lenskit.models import ModelAdapter
 from lenskit.progress import Progress
-from lenskit.training import CHECKPOINT_FILE, TrainConfig, checkpoint_config, train_tuned_lens
-
-SMALL = dict(
-    model="tiny-llama",
-    tokens=256,
-    seq_len=32,
-    tokens_per_step=64,
-    lstsq_tokens=512,
-    eval_tokens=256,
-    val_tokens=64,
-    checkpoint_every=0,
-)
+from lenskit.training import CHECKPOINT_FILE, checkpoint_config, train_tuned_lens
 
 
 class Halt(BaseException):
@@ -35,7 +25,7 @@ def test_progress_fraction_and_eta():
 
 
 def test_training_reports_every_batch_and_step(tiny_llama, corpus_dir, tmp_path):
-    config = TrainConfig(**SMALL, data=str(corpus_dir))
+    config = small(corpus_dir)
     seen: list[Progress] = []
     train_tuned_lens(tiny_llama, config, tmp_path, progress=False, on_progress=seen.append)
     closed = [p for p in seen if p.phase == "closed-form"]
@@ -52,7 +42,7 @@ def test_training_reports_every_batch_and_step(tiny_llama, corpus_dir, tmp_path)
 @pytest.fixture(scope="module")
 def whole(tiny_llama, corpus_dir, tmp_path_factory):
     """The lens of an uninterrupted run."""
-    config = TrainConfig(**SMALL, data=str(corpus_dir))
+    config = small(corpus_dir)
     return train_tuned_lens(
         tiny_llama, config, tmp_path_factory.mktemp("whole"), progress=False
     ).lens
@@ -62,7 +52,7 @@ def whole(tiny_llama, corpus_dir, tmp_path_factory):
 def test_a_stop_from_the_callback_keeps_a_checkpoint_and_resume_matches(
     tiny_llama, corpus_dir, tmp_path, whole, phase, call
 ):
-    config = TrainConfig(**SMALL, data=str(corpus_dir))
+    config = small(corpus_dir)
     calls = []
 
     def stop(p: Progress) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import randomised, write_corpus
+from helpers import small as small_config
 from streamlit.testing.v1 import AppTest
 
 import lenskit_app.state as S
@@ -36,20 +37,10 @@ from lenskit.training.lock import LOCK_FILE, FolderLock, holder
 from lenskit_app.paths import DIRS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(
-    model="tiny-llama",
-    tokens=256,
-    seq_len=32,
-    tokens_per_step=64,
-    lstsq_tokens=512,
-    eval_tokens=64,
-    val_tokens=64,
-    checkpoint_every=0,
-)
 
 
 def small(corpus_dir: Path, **changes) -> TrainConfig:
-    return TrainConfig(**{**SMALL, "data": str(corpus_dir), **changes})
+    return small_config(corpus_dir, **{"eval_tokens": 64, **changes})
 
 
 # --- one source of settings -------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomised
+from helpers import randomised, small
 
 import lenskit
 from lenskit import cli
@@ -25,20 +25,6 @@ from lenskit.training import phases as training_loop
 from lenskit.training.closed_form import fit_closed_form, normalized_target
 
 PROMPT = "The tuned lens reads every layer."
-SMALL = dict(
-    model="tiny-llama",
-    tokens=256,
-    seq_len=32,
-    tokens_per_step=64,
-    lstsq_tokens=512,
-    eval_tokens=256,
-    val_tokens=64,
-    checkpoint_every=0,
-)
-
-
-def small(corpus_dir: Path, **changes) -> TrainConfig:
-    return TrainConfig(**{**SMALL, "data": str(corpus_dir), **changes})
 
 
 def params(lens: TunedLens) -> dict[str, torch.Tensor]:
