@@ -3,10 +3,12 @@
 Reports medians, each beside the machine's measured float32 and bf16 GFLOP/s and its load
 average (a busy machine makes every figure slower; run it on a quiet one):
 
-- matmul GFLOP/s of the real unembedding shape (``rows x 576 x 49152``): float32, the
-  readout's bf16 path (bf16 inputs, float32 sums and output), plain bf16 (bf16 output);
+- matmul GFLOP/s of the real unembedding shape (``rows x 576 x 49152``), a block of
+  :data:`~lenskit.readout.MATMUL_ROWS` rows at a time into a reused output: float32 and
+  bf16 (bf16 inputs and output, float32 sums: the readout's CPU path);
 - a 64-token, all-rows, full-vocabulary trajectory vs its own unembedding matmul in the
-  chosen precision (the floor; target: within 1.3x);
+  chosen precision (the floor; target: within 1.3x), and the model's own forward pass
+  over the prompt, which every trajectory pays before its readout;
 - ``compare`` of 4 lenses vs one trajectory (target: within 2x);
 - ``evaluate`` of logit + tuned lens: tokens/s vs the readout floor for the lenses and
   rows asked (target: >= 50% of the floor's rate);
@@ -58,24 +60,31 @@ def _context() -> dict:
         "load_average": os.getloadavg(),
         "gflops_fp32": rates["fp32"],
         "gflops_bf16": rates["bf16"],
-        "gflops_bf16_native": rates["bf16_native"],
     }
 
 
-def bench_matmul(rows: int, repeats: int) -> dict:
-    from lenskit.readout import lowp_mm as _lowp_mm
+def _blocked_mm(x: torch.Tensor, w: torch.Tensor):
+    """``x @ w`` a block of MATMUL_ROWS rows at a time, into one reused output buffer."""
+    from lenskit.readout import MATMUL_ROWS
 
+    out = torch.empty(MATMUL_ROWS, w.shape[1], dtype=w.dtype)
+
+    def run() -> None:
+        for i in range(0, x.shape[0], MATMUL_ROWS):
+            part = x[i : i + MATMUL_ROWS]
+            torch.mm(part, w, out=out[: part.shape[0]])
+
+    return run
+
+
+def bench_matmul(rows: int, repeats: int) -> dict:
     d, v = 576, 49152
     x, w = torch.randn(rows, d), torch.randn(d, v) * 0.05
-    wb, xb = w.bfloat16(), x.bfloat16()
     flop = 2 * rows * d * v
-    out = {}
-    for name, fn in {
-        "fp32": lambda: x @ w,
-        "bf16_readout": lambda: _lowp_mm(x, w, wb, torch.bfloat16),
-        "bf16_native": lambda: xb @ wb,
-    }.items():
-        out[name] = flop / _median(fn, repeats) / 1e9
+    out = {
+        "fp32": flop / _median(_blocked_mm(x, w), repeats) / 1e9,
+        "bf16": flop / _median(_blocked_mm(x.bfloat16(), w.bfloat16()), repeats) / 1e9,
+    }
     return {"shape": [rows, d, v], "gflops": out}
 
 
@@ -83,14 +92,18 @@ def bench_trajectory(model, repeats: int, precision: str | None, n_tokens: int) 
     import lenskit
     from lenskit.comparison import compare
     from lenskit.readout import Readout
+    from lenskit.readout.precision import LOWP
     from lenskit.residual import capture
 
     lens = lenskit.get_lens("logit", model)
     tokens = model.to_tokens(PROMPT_WORDS * 8)[0, :n_tokens]
     engine = Readout(lens.adapter, precision)
+    forward = _median(lambda: capture(model, tokens[None], logits=False), repeats)
     rows = capture(model, tokens[None], logits=False).lens_rows()[:, 0]
     x = lens.adapter.final_norm(rows).reshape(-1, rows.shape[-1]).detach()
-    floor = _median(lambda: engine.unembed(x), repeats)
+    dtype = LOWP.get(engine.precision, torch.float32)
+    w = lens.adapter.W_U.detach().to(dtype).contiguous()
+    floor = _median(_blocked_mm(x.to(dtype), w), repeats)
     traj = _median(
         lambda: lenskit.trajectory(model, lens, tokens, precision=engine.precision), repeats
     )
@@ -101,8 +114,10 @@ def bench_trajectory(model, repeats: int, precision: str | None, n_tokens: int) 
         "precision": engine.precision,
         "cells": int(x.shape[0]),
         "unembed_floor_s": floor,
+        "forward_s": forward,
         "trajectory_s": traj,
         "trajectory_over_floor": traj / floor,
+        "trajectory_less_forward_over_floor": (traj - forward) / floor,
         "compare4_s": comp,
         "compare4_over_trajectory": comp / traj,
     }
@@ -112,12 +127,15 @@ def bench_eval(model, tokens: int, precision: str | None) -> dict:
     import lenskit
     from lenskit.evaluation import evaluate
     from lenskit.lenses.tuned import TunedLens
-    from lenskit.readout import Readout
+    from lenskit.readout import MATMUL_ROWS, Readout
+    from lenskit.readout.precision import LOWP
 
     lenses = {"logit": lenskit.get_lens("logit", model), "tuned": TunedLens.untrained(model)}
     engine = Readout(lenses["logit"].adapter, precision)
-    x = torch.randn(512, model.cfg.d_model)
-    per_row = _median(lambda: engine.unembed(x), 2) / 512
+    dtype = LOWP.get(engine.precision, torch.float32)
+    x = torch.randn(MATMUL_ROWS, model.cfg.d_model, dtype=dtype)
+    w = engine.adapter.W_U.detach().to(dtype).contiguous()
+    per_row = _median(_blocked_mm(x, w), 3) / MATMUL_ROWS
     rows = 2 * model.cfg.n_layers + 1  # both lenses at every block input, and the output
     result = evaluate(
         model, lenses, None, tokens=tokens, seq_len=128, progress=False, precision=precision

@@ -33,7 +33,7 @@ from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, point_rows, row_blocks
 from lenskit.metrics import Reference, divergences
 from lenskit.models import Row
-from lenskit.readout import MATMUL_ROWS, Readout, fp32_matmuls
+from lenskit.readout import MATMUL_ROWS, REFERENCE_HEAD, Readout, reference_head, top_k
 from lenskit.residual import token_texts
 from lenskit.trajectory import (
     TrajectoryBuilder,
@@ -88,8 +88,8 @@ class _DivergenceCells:
             self.kl[row, at] = kl_ab.clamp_min(0.0).float().cpu()
             self.js[row, at] = js_ab.clamp_min(0.0).float().cpu()
             self.tv[row, at] = tv_ab.float().cpu()
-        self.top_a[row, window] = logits_a.argmax(-1).cpu()
-        self.top_b[row, window] = logits_b.argmax(-1).cpu()
+        self.top_a[row, window] = top_k(logits_a, 1)[1][:, 0].cpu()  # argmax, but faster
+        self.top_b[row, window] = top_k(logits_b, 1)[1][:, 0].cpu()
 
     def finish(self, model: Any, tokens: Tensor, prompt: str | Tensor) -> LensDivergence:
         adapter, n_pos = self.lens_a.adapter, tokens.shape[-1]
@@ -113,6 +113,12 @@ class _DivergenceCells:
             top1_b=grid(self.top_b),
             cells=self.cells,
         )
+
+
+def _head(logits: Tensor) -> Tensor:
+    """The most likely tokens of each row of ``logits`` (``[*cell, d_vocab]``)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return top_k(flat, min(REFERENCE_HEAD, flat.shape[-1]))[1].reshape(*logits.shape[:-1], -1)
 
 
 def _check_model(model: Any, lenses: Sequence[Lens]) -> None:
@@ -172,10 +178,11 @@ def lens_divergence(
             n_pos = window.stop - window.start
             for block in row_blocks(todo, n_pos, MATMUL_ROWS // 2):
                 here = [row_list[r] for r in block]
-                with fp32_matmuls():
-                    moved_a = lens_a.translate_points(hidden[block, window], here)
-                    moved_b = lens_b.translate_points(hidden[block, window], here)
-                block_a, block_b = engine.logits(moved_a), engine.logits(moved_b)
+                moved_a = lens_a.translate_points(hidden[block, window], here)
+                moved_b = lens_b.translate_points(hidden[block, window], here)
+                block_a = engine.logits(moved_a, scratch=1)
+                # KL(a || b) needs b exact where a is likely.
+                block_b = engine.logits(moved_b, _head(block_a), scratch=0)
                 for row, logits_a, logits_b in zip(block, block_a, block_b, strict=True):
                     cells.add(row, logits_a, logits_b, window)
                     done += 1
@@ -255,13 +262,22 @@ def compare(
         for window in position_blocks(chosen):
             final = engine.reference_logits(hidden[-1, window])
             reference = Reference.from_logits(final)
+            head = reference_head(reference)  # [pos, head]: read exactly in every row
             for builder in builders:
                 if builder.wants_output:
                     builder.add(out, final, reference, window)
             del final
             for block in row_blocks(wanted, window.stop - window.start, MATMUL_ROWS):
                 _compare_block(
-                    engine, lenses, builders, cells, pair, mine, block, hidden, window, reference
+                    engine,
+                    lenses,
+                    builders,
+                    cells,
+                    pair,
+                    mine,
+                    block,
+                    hidden,
+                    (window, reference, head),
                 )
     return Comparison(
         trajectories=tuple(b.finish(prompt) for b in builders),
@@ -278,23 +294,35 @@ def _compare_block(
     mine: dict[int, list[int]],
     block: list[int],
     hidden: Tensor,
-    window: slice,
-    reference: Reference,
+    at: tuple[slice, Reference, Tensor],
 ) -> None:
-    """One block of rows: every lens translates its rows, then one readout serves all.
+    """One block of rows, read through each lens in turn (the pair's first lens first).
 
-    The final norm and unembedding are the model's, shared by every lens.
+    The final norm and unembedding are the model's, shared by every lens. ``at`` is the
+    window of positions, the reference there and its head (read exactly). Each lens's
+    logits go into a reused buffer and are used before the next lens is read; the pair's
+    first lens keeps its own buffer until its partner has been compared with it.
     """
-    rows = {i: [r for r in block if r in rows_i] for i, rows_i in mine.items()}
-    rows = {i: r for i, r in rows.items() if r}
-    translated = [builders[i].translate(hidden[r, window], r) for i, r in rows.items()]
-    logits = iter(engine.logits(torch.cat(translated)) if translated else ())
-    read = {i: {r: next(logits) for r in rows_i} for i, rows_i in rows.items()}
-    for i, builder in enumerate(builders):
-        for row in builder.lens_rows():
-            if row in read.get(i, {}):
-                builder.add(row, read[i][row], reference, window)
-    if cells is not None and pair is not None:
-        for row in block:
-            if cells.covered[row] and row in read.get(pair[0], {}):
-                cells.add(row, read[pair[0]][row], read[pair[1]][row], window)
+    window, reference, head = at
+    order = sorted(mine, key=lambda i: (pair is None or i != pair[0], i))
+    first: dict[int, Tensor] = {}  # row -> the first lens's logits there
+    first_head: dict[int, Tensor] = {}
+    for i in order:
+        rows_i = [r for r in block if r in mine[i]]
+        if not rows_i:
+            continue
+        exact = head.expand(len(rows_i), *head.shape)
+        if pair is not None and i == pair[1] and all(r in first for r in rows_i):
+            # KL(a || b) needs b exact where a is likely, too.
+            exact = torch.cat([exact, torch.stack([first_head[r] for r in rows_i])], -1)
+        slot = 1 if pair is not None and i == pair[0] else 0
+        moved = builders[i].translate(hidden[rows_i, window], rows_i)
+        logits = engine.logits(moved, exact, scratch=slot)
+        for row, row_logits in zip(rows_i, logits, strict=True):
+            if row in builders[i].lens_rows():
+                builders[i].add(row, row_logits, reference, window)
+            if cells is not None and pair is not None and cells.covered[row]:
+                if i == pair[0]:
+                    first[row], first_head[row] = row_logits, _head(row_logits)
+                elif i == pair[1] and row in first:
+                    cells.add(row, first[row], row_logits, window)

@@ -23,7 +23,7 @@ from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, point_rows, row_blocks
 from lenskit.metrics import LN2, Reference
 from lenskit.models import Row
-from lenskit.readout import MATMUL_ROWS, Readout, fp32_matmuls, logit_stats
+from lenskit.readout import MATMUL_ROWS, Readout, logit_stats, reference_head
 from lenskit.residual import capture, row_capture_points, token_texts, tokenize
 from lenskit.trajectory_result import Trajectory
 
@@ -134,8 +134,7 @@ class TrajectoryBuilder:
         self, hidden: Float[Tensor, "layer pos d_model"], rows: Sequence[int]
     ) -> Float[Tensor, "layer pos d_model"]:
         """The lens's translation of rows ``rows`` (indices into this grid's rows)."""
-        with fp32_matmuls():  # never in bf16 while another thread reads in bf16
-            return self.lens.translate_points(hidden, [self.rows[r] for r in rows])
+        return self.lens.translate_points(hidden, [self.rows[r] for r in rows])
 
     def add(
         self,
@@ -304,6 +303,7 @@ def trajectory(
         for window in position_blocks(cells):
             final = engine.reference_logits(hidden[-1, window])
             reference = Reference.from_logits(final)
+            head = reference_head(reference)  # [pos, head]: read exactly in every row
             n_pos = window.stop - window.start
             if builder.wants_output:
                 builder.add(builder.output_row, final, reference, window)
@@ -311,7 +311,9 @@ def trajectory(
             del final
             # A few rows per readout, so each matmul streams W_U once for many cells.
             for block in row_blocks(todo, n_pos, MATMUL_ROWS):
-                logits = engine.logits(builder.translate(hidden[block, window], block))
+                moved = builder.translate(hidden[block, window], block)
+                exact = head.expand(len(block), *head.shape)
+                logits = engine.logits(moved, exact, scratch=0)  # used before the next block
                 for row, row_logits in zip(block, logits, strict=True):
                     builder.add(row, row_logits, reference, window)
                 done += len(block) * n_pos

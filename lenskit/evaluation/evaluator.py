@@ -55,9 +55,9 @@ from lenskit.readout import (
     MATMUL_ROWS,
     Readout,
     RowStats,
-    fp32_matmuls,
     logit_stats,
     matmul_rates,
+    reference_head,
     resolve_precision,
 )
 from lenskit.residual import capture, row_capture_points
@@ -138,7 +138,8 @@ def expected_seconds(
     rows = sum(lens.covers_point(r.layer, r.point) for lens in lenses for r in rows) + 1
     readout = tokens * rows * 2 * adapter.d_model * adapter.d_vocab
     forward = tokens * 2 * sum(p.numel() for p in model.parameters())
-    seconds = readout / (rates["fp32" if chosen == "exact" else chosen] * 1e9) / efficiency
+    rate = rates.get(chosen, rates["fp32"])  # fp16 is not timed on CPUs: as float32
+    seconds = readout / (rate * 1e9) / efficiency
     return seconds + forward / (rates["fp32"] * 1e9) / efficiency
 
 
@@ -363,6 +364,7 @@ def _batch_sums(
         part = slice(lo, lo + MATMUL_ROWS)
         own_logits = final[part].to(STATS_DTYPE)
         reference = Reference.from_logits(own_logits)
+        head = reference_head(reference)
         own = logit_stats(own_logits, reference, ids[part], top_k=1)
         model_top = own.top_ids[:, 0]
         values = torch.stack([-own.id_log_probs[:, 0] / LN2, own.entropy]).double()
@@ -370,16 +372,15 @@ def _batch_sums(
         for i, lens in enumerate(lenses):
             for k, row in enumerate(read):
                 if covered[i][k]:
-                    with fp32_matmuls():
-                        moved = lens.transform_point(rows[k, part], row.layer, row.point)
-                    stats = engine.stats(engine.logits(moved), reference, ids[part], top_k=1)
+                    moved = lens.transform_point(rows[k, part], row.layer, row.point)
+                    logits = engine.logits(moved, head, scratch=0)
+                    stats = engine.stats(logits, reference, ids[part], top_k=1)
                     lens_sums[i, k].index_add_(1, owner[part], _row_values(stats, model_top))
             tick((lo + (i + 1) / len(lenses) * own_logits.shape[0]) / n_rows)
         for t, lens in enumerate(tuned):
             for src in range(n_layers):
                 for layer in range(n_layers):
-                    with fp32_matmuls():
-                        moved = lens.transform_hidden(pre[layer, part], src)
+                    moved = lens.transform_hidden(pre[layer, part], src)
                     kl = engine.kl_nats(moved, reference).clamp_min(0.0) / LN2
                     transfer_sums[t, src, layer].index_add_(0, owner[part], kl.double())
     return {

@@ -32,7 +32,7 @@ from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, point_rows
 from lenskit.metrics import LN2, Reference
 from lenskit.progress import Progress, ProgressCallback
-from lenskit.readout import MATMUL_ROWS, Readout, fp32_matmuls
+from lenskit.readout import MATMUL_ROWS, Readout
 from lenskit.residual import capture, row_capture_points
 
 __all__ = ["ROWS_PER_READOUT", "layer_kl", "layer_kl_sums"]
@@ -98,8 +98,7 @@ def layer_kl_sums(
             for i, lens in enumerate(lenses):
                 for k, row in enumerate(read):
                     if covered[i][k]:
-                        with fp32_matmuls():
-                            moved = lens.transform_point(rows[k], row.layer, row.point)
+                        moved = lens.transform_point(rows[k], row.layer, row.point)
                         sums[i, k] += engine.kl_nats(moved, reference).double().sum().cpu()
             if on_progress is not None:
                 done, spent = (start + len(batch)) * tokens.shape[1], time.perf_counter() - tic

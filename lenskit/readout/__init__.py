@@ -11,10 +11,12 @@ Precision (``precision=`` or the ``LENSKIT_PRECISION`` environment variable; see
 :mod:`~lenskit.readout.precision`):
 
 - ``"exact"``: float32 everywhere, the model's own ``x @ W_U + b_U``.
-- ``"bf16"`` / ``"fp16"``: the matmul's inputs rounded to that type, products summed and
-  returned in float32; the few residual coordinates that carry most of each block's
-  rounding error (the largest ``|x_k| * ||W_U[k]||``, see :data:`CORRECTED_DIMS`) are
-  corrected inside the same matmul. Statistics are float32 as in exact mode.
+- ``"bf16"`` / ``"fp16"``: the matmul's inputs rounded to that type, products summed in
+  float32. Each row's head (its :data:`EXACT_HEAD` most likely tokens and the
+  reference's :data:`REFERENCE_HEAD`) is then recomputed in float32, so top-k,
+  log-sum-exp, entropy and KL are exact where the probability lies and only the tail
+  carries the rounding (on CPUs the matmul's output is rounded to bf16 as well).
+  Statistics are float32 as in exact mode.
 - ``"auto"`` (default): a one-off micro-benchmark per device (:func:`matmul_rates`,
   cached in memory and in lenskit's cache folder) picks ``"bf16"`` where it is at least
   :data:`SPEEDUP_NEEDED` times faster than float32, else ``"exact"``.
@@ -31,13 +33,18 @@ Example:
     [0.0, 0.0, 0.0]
 """
 
-from lenskit.readout.engine import CORRECTED_DIMS, MATMUL_ROWS, Readout
+from lenskit.readout.engine import (
+    EXACT_HEAD,
+    MATMUL_ROWS,
+    REFERENCE_HEAD,
+    Readout,
+    reference_head,
+    scratch_buffer,
+)
 from lenskit.readout.precision import (
     PRECISION_ENV,
     PRECISIONS,
     SPEEDUP_NEEDED,
-    bf16_inside_fp32,
-    fp32_matmuls,
     lowp_mm,
     matmul_dtype,
     matmul_rates,
@@ -46,21 +53,22 @@ from lenskit.readout.precision import (
 from lenskit.readout.stats import STATS_ROWS, RowStats, concat_stats, logit_stats, top_k
 
 __all__ = [
-    "CORRECTED_DIMS",
+    "EXACT_HEAD",
     "MATMUL_ROWS",
     "PRECISIONS",
     "PRECISION_ENV",
+    "REFERENCE_HEAD",
     "SPEEDUP_NEEDED",
     "STATS_ROWS",
     "Readout",
     "RowStats",
-    "bf16_inside_fp32",
     "concat_stats",
-    "fp32_matmuls",
     "logit_stats",
     "lowp_mm",
     "matmul_dtype",
     "matmul_rates",
+    "reference_head",
     "resolve_precision",
+    "scratch_buffer",
     "top_k",
 ]

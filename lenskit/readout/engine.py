@@ -2,15 +2,16 @@
 
 :class:`Readout` reads residuals through the model's own final norm and unembedding, a
 block of rows per matmul, in the precision chosen (:mod:`lenskit.readout.precision`).
-In a low precision the few residual coordinates that carry most of a block's rounding
-error are corrected inside the same matmul (see :meth:`Readout.unembed`).
+Where the low-precision matmul rounds its output (CPUs), each row's most likely tokens
+are read again exactly (see :meth:`Readout.unembed`). The ``[rows, d_vocab]`` outputs of
+a block can go into per-thread buffers that are reused (``scratch=``): a fresh 100 MB
+tensor per block costs as much in page faults as a third of its matmul.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,35 +19,62 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lenskit.metrics import Reference
-from lenskit.models import model_lock
-from lenskit.readout.precision import LOWP, fp32_matmuls, lowp_mm, resolve_precision
-from lenskit.readout.stats import STATS_ROWS, RowStats, concat_stats, kl_block, logit_stats
+from lenskit.readout.precision import LOWP, lowp_mm, resolve_precision
+from lenskit.readout.stats import (
+    STATS_ROWS,
+    RowStats,
+    concat_stats,
+    kl_block,
+    logit_stats,
+    top_k,
+)
 
-__all__ = ["CORRECTED_DIMS", "MATMUL_ROWS", "Readout"]
+__all__ = [
+    "EXACT_HEAD",
+    "MATMUL_ROWS",
+    "REFERENCE_HEAD",
+    "Readout",
+    "reference_head",
+    "scratch_buffer",
+]
 
 MATMUL_ROWS = 512
 """Rows per unembedding matmul: enough to run near peak; 512 x 49k float32 logits are 100 MB."""
-CORRECTED_DIMS = 16
-"""Residual coordinates per block whose low-precision rounding is corrected in float32."""
-_CORRECTION_SLOTS = 24  # coordinates the cached weights correct: a block's 16 and spares
-_BUILD_LOCK = threading.Lock()
+EXACT_HEAD = 16
+"""Tokens per row whose logits a rounded-output matmul has recomputed exactly in float32."""
+REFERENCE_HEAD = 8
+"""The reference's most likely tokens per row that a rounded readout computes exactly."""
 
 
-@dataclass(frozen=True)
-class _Weights:
-    """The unembedding extended by the rounding corrections of some residual coordinates.
+class _Scratch(threading.local):
+    """Per-thread output buffers, by (slot, dtype, device); each ``MATMUL_ROWS`` rows."""
 
-    ``aug`` is ``[W_U; hi[dims]; lo[dims]; b_hi; b_lo]`` (rows; bias rows only if the
-    bias is nonzero), where ``hi`` is ``W_U`` rounded to the low precision and ``lo =
-    W_U - hi``; ``low`` is ``aug`` in the low precision (None where the matmul takes
-    float32 weights).
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, torch.dtype, str], Tensor] = {}
+
+    def get(
+        self, slot: int, rows: int, vocab: int, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        key = (slot, dtype, str(device))
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape[1] != vocab or buf.shape[0] < rows:
+            buf = self.buffers[key] = torch.empty(
+                max(rows, MATMUL_ROWS), vocab, dtype=dtype, device=device
+            )
+        return buf[:rows]
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch_buffer(
+    slot: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """This thread's reusable ``[rows, cols]`` buffer number ``slot``, valid until its next use.
+
+    Slots 0 and 1 are the readout's (``scratch=``); training's KL step uses slot 2.
     """
-
-    version: int
-    dims: tuple[int, ...]
-    aug: Tensor
-    low: Tensor | None
-    bias: bool
+    return _SCRATCH.get(slot, rows, cols, dtype, device)
 
 
 class Readout:
@@ -63,91 +91,106 @@ class Readout:
         self.device = adapter.W_U.device
         self.precision = resolve_precision(precision, self.device)
         self.dtype = LOWP.get(self.precision, torch.float32)
-        self._switched = (
-            self.dtype == torch.bfloat16
-            and self.device.type == "cpu"
-            and torch.backends.mkldnn.is_available()
-        )
 
     def __repr__(self) -> str:
         return f"Readout(model={self.adapter.name!r}, precision={self.precision!r})"
 
-    def _row_norm(self) -> Tensor:
-        """``||W_U[k]||`` per residual coordinate (cached with the weights)."""
+    def _cached(self, name: str, make: Callable[[], Any]) -> Any:
+        """A value derived from ``W_U`` / ``b_U``, cached on the model until ``W_U`` changes."""
         w = self.adapter.W_U
         cache = self.adapter.model.__dict__.setdefault("_lenskit_readout_weights", {})
-        key = ("row_norm", str(w.device), w.data_ptr())
+        key = (name, str(w.device), w.data_ptr())
         found = cache.get(key)
         if found is None or found[0] != w._version:
             with torch.no_grad():
-                found = cache[key] = (w._version, w.detach().float().norm(dim=1))
+                found = cache[key] = (w._version, make())
         return found[1]
 
-    def _weights(self, want: list[int]) -> _Weights:
-        """The cached extended weights, rebuilt if they do not correct all of ``want``."""
-        w = self.adapter.W_U
-        cache = self.adapter.model.__dict__.setdefault("_lenskit_readout_weights", {})
-        key = (self.precision, str(w.device), w.data_ptr())
-        with _BUILD_LOCK:
-            prep = cache.get(key)
-            if prep is not None and prep.version == w._version and set(want) <= set(prep.dims):
-                return prep
-            spare = [] if prep is None or prep.version != w._version else prep.dims
-            dims = tuple(dict.fromkeys([*want, *spare]))[:_CORRECTION_SLOTS]
-            cache[key] = prep = self._build(dims)
-            return prep
+    def _exact_head(self, x: Tensor, z: Tensor, exact: Int[Tensor, "cell extra"] | None) -> Tensor:
+        """Float32 logits ``z`` with each row's head recomputed exactly, in place.
 
-    def _build(self, dims: tuple[int, ...]) -> _Weights:
-        with torch.no_grad():
-            w = self.adapter.W_U.detach().float()
-            b = self.adapter.b_U.detach().float()
-            index = torch.tensor(dims, dtype=torch.long, device=w.device)
-            rows = w[index]
-            hi = rows.to(self.dtype).float()
-            parts = [w, hi, rows - hi]
-            bias = bool(b.any())
-            if bias:
-                b_hi = b.to(self.dtype).float()
-                parts += [b_hi[None], (b - b_hi)[None]]
-            aug = torch.cat(parts).contiguous()
-            low = None if self._switched else aug.to(self.dtype)
-            return _Weights(w._version, dims, aug, low, bias)
+        The head is the row's :data:`EXACT_HEAD` most likely tokens by the rounded logits
+        and the tokens of ``exact`` (the reference's most likely, say): where almost all
+        the probability lies, so that top-k, log-sum-exp, entropy and KL are exact there
+        and only the tail carries the matmul's rounding.
+        """
+        ids = top_k(z, min(EXACT_HEAD, z.shape[-1]))[1]
+        if exact is not None:
+            ids = torch.cat([ids, exact.to(ids.device)], 1)
+        wt = self._cached("transposed", lambda: self.adapter.W_U.detach().float().T.contiguous())
+        b = self.adapter.b_U.detach().float()
+        head = torch.bmm(wt[ids], x.unsqueeze(-1)).squeeze(-1) + b[ids]  # [cell, head]
+        return z.scatter_(1, ids, head)
 
-    def unembed(self, x: Float[Tensor, "cell d_model"]) -> Float[Tensor, "cell d_vocab"]:
+    def _out(self, slot: int | None, rows: int, dtype: torch.dtype) -> Tensor | None:
+        if slot is None or self.device.type != "cpu":  # CUDA's allocator caches already
+            return None
+        return _SCRATCH.get(slot, rows, self.adapter.d_vocab, dtype, self.device)
+
+    def unembed(
+        self,
+        x: Float[Tensor, "cell d_model"],
+        exact: Int[Tensor, "cell extra"] | None = None,
+        *,
+        scratch: int | None = None,
+    ) -> Float[Tensor, "cell d_vocab"]:
         """``x @ W_U + b_U`` and the model's output transform, for normalised rows ``x``.
 
-        In a low precision, rows are extended by the corrections of the block's
-        :data:`CORRECTED_DIMS` coordinates with the largest ``|x_k| * ||W_U[k]||`` (the
-        same few across tokens carry most of the rounding error): ``x_lo @ W_hi + x_hi @
-        W_lo`` for those ``k``, and the bias as ``b_hi + b_lo``, all in the one matmul.
+        In a low precision the matmul's inputs are rounded (sums stay float32). Where its
+        output is rounded too (the fast CPU path), each row's head is recomputed in
+        float32 (:meth:`_exact_head`), with the tokens ``exact`` names.
+
+        Args:
+            x: Normalised residual rows (at most :data:`MATMUL_ROWS` with ``scratch``).
+            exact: Token ids per row whose logits must be exact in a low precision.
+            scratch: Write into this thread's reusable buffer number ``scratch``: the
+                result is valid only until the next call with the same slot.
         """
-        adapter = self.adapter
+        adapter, rows = self.adapter, x.shape[0]
+        w, b = adapter.W_U, adapter.b_U
+        if rows > MATMUL_ROWS and scratch is not None:
+            raise ValueError(f"scratch holds {MATMUL_ROWS} rows, got {rows}")
         if self.precision == "exact":
-            with fp32_matmuls():
-                return adapter.unembed(x).float()
+            out = self._out(scratch, rows, torch.float32)
+            z = torch.addmm(b, x, w) if out is None else torch.addmm(b, x, w, out=out)
+            return adapter.model.adapter.apply_output_logits_transform(z).float()
         x = x.float()
-        if not x.shape[0]:
-            return x.new_zeros(0, adapter.d_vocab)
-        want = (x.abs().amax(0) * self._row_norm()).topk(min(CORRECTED_DIMS, x.shape[1])).indices
-        prep = self._weights(want.tolist())
-        x_hi = x.to(self.dtype).float()
-        index = torch.tensor(prep.dims, dtype=torch.long, device=x.device)
-        cols = [x, (x - x_hi)[:, index], x_hi[:, index]]
-        if prep.bias:
-            cols.append(x.new_ones(x.shape[0], 2))
-        x_aug = torch.cat(cols, 1)
-        lock = model_lock(adapter.model) if self._switched else contextlib.nullcontext()
-        with lock:
-            z = lowp_mm(x_aug, prep.aug, prep.low, self.dtype)
+        w_low = self._cached(self.precision, lambda: w.detach().to(self.dtype).contiguous())
+        z = lowp_mm(x, w_low, self.dtype, out=self._out(scratch, rows, self.dtype))
+        if z.dtype != torch.float32:
+            out = self._out(scratch, rows, torch.float32)
+            z = z.float() if out is None else out.copy_(z)
+        if self._cached("bias", lambda: bool(b.detach().any())):
+            z += b.detach().float()
+        z = self._exact_head(x, z, exact)
         return adapter.model.adapter.apply_output_logits_transform(z).float()
 
-    def logits(self, h: Float[Tensor, "*cell d_model"]) -> Float[Tensor, "*cell d_vocab"]:
-        """Float32 logits of residuals ``h`` through the final norm and unembedding."""
+    def logits(
+        self,
+        h: Float[Tensor, "*cell d_model"],
+        exact: Int[Tensor, "*cell extra"] | None = None,
+        *,
+        scratch: int | None = None,
+    ) -> Float[Tensor, "*cell d_vocab"]:
+        """Float32 logits of residuals ``h`` through the final norm and unembedding.
+
+        Args:
+            h: Residual rows.
+            exact: Token ids per row whose logits must be exact in a low precision
+                (the reference's head, for KL; see :meth:`unembed`).
+            scratch: Reuse this thread's output buffer number ``scratch`` (at most
+                :data:`MATMUL_ROWS` rows; valid until the next call with that slot).
+        """
         lead = h.shape[:-1]
         flat = h.reshape(-1, h.shape[-1])
+        ids = None if exact is None else exact.reshape(flat.shape[0], -1)
         with torch.no_grad():
             parts = [
-                self.unembed(self.adapter.final_norm(flat[i : i + MATMUL_ROWS]))
+                self.unembed(
+                    self.adapter.final_norm(flat[i : i + MATMUL_ROWS]),
+                    None if ids is None else ids[i : i + MATMUL_ROWS],
+                    scratch=scratch,
+                )
                 for i in range(0, flat.shape[0], MATMUL_ROWS)
             ]
         if len(parts) == 1:
@@ -196,11 +239,9 @@ class Readout:
         for i in range(0, h.shape[0], MATMUL_ROWS):
             part = slice(i, i + MATMUL_ROWS)
             ref = None if reference is None else _ref_slice(reference, part)
-            parts.append(
-                self.stats(
-                    self.logits(h[part]), ref, ids[part], top_k=top_k, rank_columns=rank_columns
-                )
-            )
+            head = None if ref is None else reference_head(ref)
+            logits = self.logits(h[part], head, scratch=0)
+            parts.append(self.stats(logits, ref, ids[part], top_k=top_k, rank_columns=rank_columns))
         return concat_stats(parts)
 
     def kl_nats(
@@ -210,11 +251,17 @@ class Readout:
         out = []
         for i in range(0, h.shape[0], MATMUL_ROWS):
             part = slice(i, i + MATMUL_ROWS)
-            logits, ref = self.logits(h[part]), _ref_slice(reference, part)
+            ref = _ref_slice(reference, part)
+            logits = self.logits(h[part], reference_head(ref), scratch=0)
             for j in range(0, logits.shape[0], STATS_ROWS):
                 sub = slice(j, j + STATS_ROWS)
                 out.append(kl_block(logits[sub], ref.probs[sub], ref.neg_entropy[sub]))
         return torch.cat(out) if out else h.new_zeros(0)
+
+
+def reference_head(reference: Reference) -> Int[Tensor, "cell head"]:
+    """The :data:`REFERENCE_HEAD` most likely tokens of each row of ``p``."""
+    return top_k(reference.probs, min(REFERENCE_HEAD, reference.probs.shape[-1]))[1]
 
 
 def _ref_slice(reference: Reference, part: slice) -> Reference:

@@ -34,6 +34,7 @@ from lenskit.evaluation.layer_kl import ROWS_PER_READOUT
 from lenskit.lenses.tuned import TunedLens
 from lenskit.metrics import Reference, kl_nats
 from lenskit.models import ModelAdapter
+from lenskit.readout import scratch_buffer
 from lenskit.residual import capture, row_capture_points
 from lenskit.training.rows import stack_rows, train_rows, translators
 
@@ -103,7 +104,12 @@ def _augmented(x: Tensor, shift: Tensor, un: Bf16Unembedding) -> Tensor:
 
 def _shifted_sums(x: Tensor, shift: Tensor, un: Bf16Unembedding) -> Tensor:
     """``[exp(z - shift) @ W_U^T, sum exp(z - shift)]`` per row, float32, ``z = x W_U + b_U``."""
-    e = torch.mm(_augmented(x, shift, un), un.w)
+    xa = _augmented(x, shift, un)
+    if x.device.type == "cpu":  # a reused buffer: a fresh 200 MB one costs page faults
+        out = scratch_buffer(2, x.shape[0], un.w.shape[1], torch.bfloat16, x.device)
+        e = torch.mm(xa, un.w, out=out)
+    else:
+        e = torch.mm(xa, un.w)
     e.exp_()
     return (e @ un.wt).float()
 

@@ -52,4 +52,4 @@ def matmul_rates(device: str | torch.device, *, fresh: bool = False) -> dict[str
     (:func:`lenskit.readout.matmul_rates`; ``fresh=True`` measures again).
     """
     rates = readout.matmul_rates(device, fresh=fresh)
-    return {"float32": rates["fp32"], "bfloat16": rates.get("bf16_native", rates["bf16"])}
+    return {"float32": rates["fp32"], "bfloat16": rates["bf16"]}
