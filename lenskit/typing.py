@@ -41,6 +41,7 @@ AXES: dict[str, str] = {
     "cell": "cells read in one block, flattened (positions, or layer/chunk x position)",
     "target": "target token ids asked about",
     "lens": "lenses read side by side",
+    "head": "a row's most likely tokens, read exactly by a low-precision readout",
 }
 
 TokenIds = Int[Tensor, "batch pos"]

@@ -106,7 +106,7 @@ class Readout:
                 found = cache[key] = (w._version, make())
         return found[1]
 
-    def _exact_head(self, x: Tensor, z: Tensor, exact: Int[Tensor, "cell extra"] | None) -> Tensor:
+    def _exact_head(self, x: Tensor, z: Tensor, exact: Int[Tensor, "cell head"] | None) -> Tensor:
         """Float32 logits ``z`` with each row's head recomputed exactly, in place.
 
         The head is the row's :data:`EXACT_HEAD` most likely tokens by the rounded logits
@@ -130,7 +130,7 @@ class Readout:
     def unembed(
         self,
         x: Float[Tensor, "cell d_model"],
-        exact: Int[Tensor, "cell extra"] | None = None,
+        exact: Int[Tensor, "cell head"] | None = None,
         *,
         scratch: int | None = None,
     ) -> Float[Tensor, "cell d_vocab"]:
@@ -168,7 +168,7 @@ class Readout:
     def logits(
         self,
         h: Float[Tensor, "*cell d_model"],
-        exact: Int[Tensor, "*cell extra"] | None = None,
+        exact: Int[Tensor, "*cell head"] | None = None,
         *,
         scratch: int | None = None,
     ) -> Float[Tensor, "*cell d_vocab"]:
