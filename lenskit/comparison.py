@@ -33,7 +33,7 @@ from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, point_rows, row_blocks
 from lenskit.metrics import Reference, divergences
 from lenskit.models import Row
-from lenskit.readout import MATMUL_ROWS, REFERENCE_HEAD, Readout, reference_head, top_k
+from lenskit.readout import MATMUL_ROWS, Readout, head_ids, top_k
 from lenskit.residual import token_texts
 from lenskit.trajectory import (
     TrajectoryBuilder,
@@ -115,12 +115,6 @@ class _DivergenceCells:
         )
 
 
-def _head(logits: Tensor) -> Tensor:
-    """The most likely tokens of each row of ``logits`` (``[*cell, d_vocab]``)."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    return top_k(flat, min(REFERENCE_HEAD, flat.shape[-1]))[1].reshape(*logits.shape[:-1], -1)
-
-
 def _check_model(model: Any, lenses: Sequence[Lens]) -> None:
     for lens in lenses:
         lens.check_model(model)
@@ -182,7 +176,7 @@ def lens_divergence(
                 moved_b = lens_b.translate_points(hidden[block, window], here)
                 block_a = engine.logits(moved_a, scratch=1)
                 # KL(a || b) needs b exact where a is likely.
-                block_b = engine.logits(moved_b, _head(block_a), scratch=0)
+                block_b = engine.logits(moved_b, head_ids(block_a), scratch=0)
                 for row, logits_a, logits_b in zip(block, block_a, block_b, strict=True):
                     cells.add(row, logits_a, logits_b, window)
                     done += 1
@@ -262,7 +256,7 @@ def compare(
         for window in position_blocks(chosen):
             final = engine.reference_logits(hidden[-1, window])
             reference = Reference.from_logits(final)
-            head = reference_head(reference)  # [pos, head]: read exactly in every row
+            head = head_ids(reference.probs)  # [pos, head]: read exactly in every row
             for builder in builders:
                 if builder.wants_output:
                     builder.add(out, final, reference, window)
@@ -323,6 +317,6 @@ def _compare_block(
                 builders[i].add(row, row_logits, reference, window)
             if cells is not None and pair is not None and cells.covered[row]:
                 if i == pair[0]:
-                    first[row], first_head[row] = row_logits, _head(row_logits)
+                    first[row], first_head[row] = row_logits, head_ids(row_logits)
                 elif i == pair[1] and row in first:
                     cells.add(row, first[row], row_logits, window)

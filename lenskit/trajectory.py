@@ -23,7 +23,7 @@ from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, point_rows, row_blocks
 from lenskit.metrics import LN2, Reference
 from lenskit.models import Row
-from lenskit.readout import MATMUL_ROWS, Readout, logit_stats, reference_head
+from lenskit.readout import MATMUL_ROWS, Readout, head_ids, logit_stats
 from lenskit.residual import capture, row_capture_points, token_texts, tokenize
 from lenskit.trajectory_result import Trajectory
 
@@ -303,7 +303,7 @@ def trajectory(
         for window in position_blocks(cells):
             final = engine.reference_logits(hidden[-1, window])
             reference = Reference.from_logits(final)
-            head = reference_head(reference)  # [pos, head]: read exactly in every row
+            head = head_ids(reference.probs)  # [pos, head]: read exactly in every row
             n_pos = window.stop - window.start
             if builder.wants_output:
                 builder.add(builder.output_row, final, reference, window)

@@ -55,9 +55,9 @@ from lenskit.readout import (
     MATMUL_ROWS,
     Readout,
     RowStats,
+    head_ids,
     logit_stats,
     matmul_rates,
-    reference_head,
     resolve_precision,
 )
 from lenskit.residual import capture, row_capture_points
@@ -364,7 +364,7 @@ def _batch_sums(
         part = slice(lo, lo + MATMUL_ROWS)
         own_logits = final[part].to(STATS_DTYPE)
         reference = Reference.from_logits(own_logits)
-        head = reference_head(reference)
+        head = head_ids(reference.probs)
         own = logit_stats(own_logits, reference, ids[part], top_k=1)
         model_top = own.top_ids[:, 0]
         values = torch.stack([-own.id_log_probs[:, 0] / LN2, own.entropy]).double()

@@ -38,7 +38,7 @@ from lenskit.readout.engine import (
     MATMUL_ROWS,
     REFERENCE_HEAD,
     Readout,
-    reference_head,
+    head_ids,
     scratch_buffer,
 )
 from lenskit.readout.precision import (
@@ -63,11 +63,11 @@ __all__ = [
     "Readout",
     "RowStats",
     "concat_stats",
+    "head_ids",
     "logit_stats",
     "lowp_mm",
     "matmul_dtype",
     "matmul_rates",
-    "reference_head",
     "resolve_precision",
     "scratch_buffer",
     "top_k",

@@ -34,7 +34,7 @@ __all__ = [
     "MATMUL_ROWS",
     "REFERENCE_HEAD",
     "Readout",
-    "reference_head",
+    "head_ids",
     "scratch_buffer",
 ]
 
@@ -239,7 +239,7 @@ class Readout:
         for i in range(0, h.shape[0], MATMUL_ROWS):
             part = slice(i, i + MATMUL_ROWS)
             ref = None if reference is None else _ref_slice(reference, part)
-            head = None if ref is None else reference_head(ref)
+            head = None if ref is None else head_ids(ref.probs)
             logits = self.logits(h[part], head, scratch=0)
             parts.append(self.stats(logits, ref, ids[part], top_k=top_k, rank_columns=rank_columns))
         return concat_stats(parts)
@@ -252,16 +252,22 @@ class Readout:
         for i in range(0, h.shape[0], MATMUL_ROWS):
             part = slice(i, i + MATMUL_ROWS)
             ref = _ref_slice(reference, part)
-            logits = self.logits(h[part], reference_head(ref), scratch=0)
+            logits = self.logits(h[part], head_ids(ref.probs), scratch=0)
             for j in range(0, logits.shape[0], STATS_ROWS):
                 sub = slice(j, j + STATS_ROWS)
                 out.append(kl_block(logits[sub], ref.probs[sub], ref.neg_entropy[sub]))
         return torch.cat(out) if out else h.new_zeros(0)
 
 
-def reference_head(reference: Reference) -> Int[Tensor, "cell head"]:
-    """The :data:`REFERENCE_HEAD` most likely tokens of each row of ``p``."""
-    return top_k(reference.probs, min(REFERENCE_HEAD, reference.probs.shape[-1]))[1]
+def head_ids(scores: Float[Tensor, "*cell d_vocab"]) -> Int[Tensor, "*cell head"]:
+    """The :data:`REFERENCE_HEAD` most likely tokens of each row of probabilities or logits.
+
+    Passed as ``exact=`` so that a low-precision readout is exact where that
+    distribution (the reference ``p``, or the other lens of a divergence) is likely.
+    """
+    flat = scores.reshape(-1, scores.shape[-1])
+    ids = top_k(flat, min(REFERENCE_HEAD, flat.shape[-1]))[1]
+    return ids.reshape(*scores.shape[:-1], ids.shape[-1])
 
 
 def _ref_slice(reference: Reference, part: slice) -> Reference:
