@@ -31,9 +31,9 @@ from lenskit.cells import Cells
 from lenskit.comparison_result import MEASURES, Comparison, LensDivergence
 from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, point_rows, row_blocks
-from lenskit.metrics import Reference, divergences
+from lenskit.metrics import Reference
 from lenskit.models import Row
-from lenskit.readout import MATMUL_ROWS, Readout, head_ids, top_k
+from lenskit.readout import MATMUL_ROWS, ReadLogits, Readout, head_ids, pair_divergences, top_k
 from lenskit.residual import token_texts
 from lenskit.trajectory import (
     TrajectoryBuilder,
@@ -44,8 +44,6 @@ from lenskit.trajectory import (
 )
 
 __all__ = ["MEASURES", "Comparison", "LensDivergence", "compare", "lens_divergence"]
-
-_CELLS_PER_PASS = 16  # cells per divergence pass: its temporaries stay in the CPU cache
 
 
 class _DivergenceCells:
@@ -78,18 +76,21 @@ class _DivergenceCells:
         """Chosen rows that both lenses read."""
         return [r for r in self.cells.rows if self.covered[r]]
 
-    def add(self, row: int, logits_a: Tensor, logits_b: Tensor, window: slice) -> None:
-        """Divergences of one row from both lenses' logits at positions ``window``."""
-        first = window.start
-        for start in range(0, logits_a.shape[0], _CELLS_PER_PASS):
-            part = slice(start, start + _CELLS_PER_PASS)
-            kl_ab, js_ab, tv_ab = divergences(logits_a[part], logits_b[part])
-            at = slice(first + start, first + start + len(kl_ab))  # the same cells in the grid
-            self.kl[row, at] = kl_ab.clamp_min(0.0).float().cpu()
-            self.js[row, at] = js_ab.clamp_min(0.0).float().cpu()
-            self.tv[row, at] = tv_ab.float().cpu()
-        self.top_a[row, window] = top_k(logits_a, 1)[1][:, 0].cpu()  # argmax, but faster
-        self.top_b[row, window] = top_k(logits_b, 1)[1][:, 0].cpu()
+    def add(
+        self,
+        row: int,
+        logits_a: ReadLogits,
+        logits_b: ReadLogits,
+        window: slice,
+    ) -> None:
+        """Divergences of one row from both lenses' readouts at positions ``window``."""
+        (logits_a, cand_a), (logits_b, cand_b) = logits_a, logits_b
+        kl_ab, js_ab, tv_ab = pair_divergences(logits_a, logits_b)
+        self.kl[row, window] = kl_ab.clamp_min(0.0).cpu()
+        self.js[row, window] = js_ab.clamp_min(0.0).cpu()
+        self.tv[row, window] = tv_ab.cpu()
+        self.top_a[row, window] = top_k(logits_a, 1, cand_a)[1][:, 0].cpu()  # a fast argmax
+        self.top_b[row, window] = top_k(logits_b, 1, cand_b)[1][:, 0].cpu()
 
     def finish(self, model: Any, tokens: Tensor, prompt: str | Tensor) -> LensDivergence:
         adapter, n_pos = self.lens_a.adapter, tokens.shape[-1]
@@ -174,11 +175,11 @@ def lens_divergence(
                 here = [row_list[r] for r in block]
                 moved_a = lens_a.translate_points(hidden[block, window], here)
                 moved_b = lens_b.translate_points(hidden[block, window], here)
-                block_a = engine.logits(moved_a, scratch=1)
+                block_a = engine.read(moved_a, scratch=1)
                 # KL(a || b) needs b exact where a is likely.
-                block_b = engine.logits(moved_b, head_ids(block_a), scratch=0)
-                for row, logits_a, logits_b in zip(block, block_a, block_b, strict=True):
-                    cells.add(row, logits_a, logits_b, window)
+                block_b = engine.read(moved_b, head_ids(*block_a), scratch=0)
+                for j, row in enumerate(block):
+                    cells.add(row, _row(block_a, j), _row(block_b, j), window)
                     done += 1
                     if progress is not None:
                         progress(done, total)
@@ -299,7 +300,7 @@ def _compare_block(
     """
     window, reference, head = at
     order = sorted(mine, key=lambda i: (pair is None or i != pair[0], i))
-    first: dict[int, Tensor] = {}  # row -> the first lens's logits there
+    first: dict[int, ReadLogits] = {}  # row -> the first lens's readout there
     first_head: dict[int, Tensor] = {}
     for i in order:
         rows_i = [r for r in block if r in mine[i]]
@@ -311,12 +312,18 @@ def _compare_block(
             exact = torch.cat([exact, torch.stack([first_head[r] for r in rows_i])], -1)
         slot = 1 if pair is not None and i == pair[0] else 0
         moved = builders[i].translate(hidden[rows_i, window], rows_i)
-        logits = engine.logits(moved, exact, scratch=slot)
-        for row, row_logits in zip(rows_i, logits, strict=True):
+        read = engine.read(moved, exact, scratch=slot)
+        for j, row in enumerate(rows_i):
+            here = _row(read, j)
             if row in builders[i].lens_rows():
-                builders[i].add(row, row_logits, reference, window)
+                builders[i].add(row, here.logits, reference, window, here.candidates)
             if cells is not None and pair is not None and cells.covered[row]:
                 if i == pair[0]:
-                    first[row], first_head[row] = row_logits, head_ids(row_logits)
+                    first[row], first_head[row] = here, head_ids(*here)
                 elif i == pair[1] and row in first:
-                    cells.add(row, first[row], row_logits, window)
+                    cells.add(row, first[row], here, window)
+
+
+def _row(read: ReadLogits, j: int) -> ReadLogits:
+    """Row ``j`` of a readout of several rows."""
+    return ReadLogits(read.logits[j], None if read.candidates is None else read.candidates[j])

@@ -23,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "LN2",
+    "LOG2E",
     "Reference",
     "cross_entropy_bits",
     "divergences",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 LN2 = math.log(2.0)
+LOG2E = 1.0 / LN2
+"""``log2(e)``: nats times this are bits."""
 
 
 def log_probs(logits: Float[Tensor, "*batch d_vocab"]) -> Float[Tensor, "*batch d_vocab"]:
@@ -118,10 +121,43 @@ class Reference:
 
     @classmethod
     def from_logits(cls, logits: Float[Tensor, "cell d_vocab"]) -> Reference:
-        """Prepare ``p`` from the model's final logits."""
-        lp = log_probs(logits)
-        p = lp.exp()
-        return cls(probs=p, neg_entropy=(p * lp).sum(-1))
+        """Prepare ``p`` from the model's final logits (float32 or better).
+
+        Outside autograd, a few rows at a time into ``p`` itself (see
+        :func:`_softmax_and_neg_entropy`); with gradients, the plain definition.
+        """
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if torch.is_grad_enabled() and z.requires_grad:
+            lp = log_probs(z)
+            p = lp.exp()
+            return cls(probs=p, neg_entropy=(p * lp).sum(-1))
+        probs, neg_entropy = _softmax_and_neg_entropy(z)
+        return cls(probs=probs, neg_entropy=neg_entropy)
+
+
+_ROWS = 16  # rows per pass of _softmax_and_neg_entropy: 3 MB of float32 stay in cache
+
+
+def _softmax_and_neg_entropy(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``softmax(z)`` and ``sum p log p`` (nats) per row, in base 2 and in place.
+
+    With ``y = (z - max z) log2(e)`` and ``L = log2 sum 2^y``: ``p = 2^y / 2^L`` and
+    ``sum p log p = (E_p[y] - L) ln 2``. Each pass writes a few rows of ``p`` or one
+    reused buffer, so no [rows, d_vocab] temporary is made.
+    """
+    n = z.shape[0]
+    probs = torch.empty_like(z)
+    neg_entropy = z.new_empty(n)
+    work = z.new_empty(min(_ROWS, max(1, n)), z.shape[-1])
+    for i in range(0, n, _ROWS):
+        zc, pc = z[i : i + _ROWS], probs[i : i + _ROWS]
+        y = work[: zc.shape[0]]
+        torch.sub(zc, zc.amax(-1, keepdim=True), out=y).mul_(1.0 / LN2)
+        torch.exp2(y, out=pc)
+        total = pc.sum(-1, keepdim=True)
+        pc.div_(total)
+        neg_entropy[i : i + _ROWS] = (y.mul_(pc).sum(-1) - total.squeeze(-1).log2()) * LN2
+    return probs, neg_entropy
 
 
 def kl_nats(reference: Reference, logits: Float[Tensor, "cell d_vocab"]) -> Float[Tensor, " cell"]:

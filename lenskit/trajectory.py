@@ -142,8 +142,12 @@ class TrajectoryBuilder:
         logits: Float[Tensor, "pos d_vocab"],
         reference: Reference,
         window: slice | None = None,
+        candidates: Int[Tensor, "pos head"] | None = None,
     ) -> None:
-        """Statistics of one row from its logits at positions ``window`` (None: all chosen)."""
+        """Statistics of one row from its logits at positions ``window`` (None: all chosen).
+
+        ``candidates`` are the readout's (:class:`~lenskit.readout.ReadLogits`), if any.
+        """
         window = window or slice(self.cells.start, self.cells.stop)
         stats = logit_stats(
             logits,
@@ -151,6 +155,7 @@ class TrajectoryBuilder:
             self.ids[window],
             top_k=self.top_k,
             rank_columns=0 if self.target is None else 1,
+            candidates=candidates,
         )
         self.entropy[row, window] = stats.entropy.cpu()
         self.kl[row, window] = stats.kl.cpu()
@@ -313,9 +318,10 @@ def trajectory(
             for block in row_blocks(todo, n_pos, MATMUL_ROWS):
                 moved = builder.translate(hidden[block, window], block)
                 exact = head.expand(len(block), *head.shape)
-                logits = engine.logits(moved, exact, scratch=0)  # used before the next block
-                for row, row_logits in zip(block, logits, strict=True):
-                    builder.add(row, row_logits, reference, window)
+                read = engine.read(moved, exact, scratch=0)  # used before the next block
+                for j, row in enumerate(block):
+                    cand = None if read.candidates is None else read.candidates[j]
+                    builder.add(row, read.logits[j], reference, window, cand)
                 done += len(block) * n_pos
                 if on_progress is not None:
                     on_progress(done, total)

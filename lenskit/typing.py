@@ -42,6 +42,7 @@ AXES: dict[str, str] = {
     "target": "target token ids asked about",
     "lens": "lenses read side by side",
     "head": "a row's most likely tokens, read exactly by a low-precision readout",
+    "cand": "candidate tokens known to hold a row's top-k (a readout's head)",
 }
 
 TokenIds = Int[Tensor, "batch pos"]

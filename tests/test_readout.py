@@ -134,14 +134,72 @@ def test_two_pass_top_k_equals_torch_topk(vocab):
     assert torch.equal(ours[0], theirs.values) and torch.equal(ours[1], theirs.indices)
 
 
+def test_top_k_among_candidates_equals_the_whole_rows():
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(9, 4096, generator=gen)
+    held = torch.topk(z, 16, dim=-1).indices
+    cand = held.gather(1, torch.argsort(torch.rand(9, 16, generator=gen), -1))  # any order
+    ours, theirs = readout.top_k(z, 10, cand), torch.topk(z, 10, dim=-1)
+    assert torch.equal(ours[0], theirs.values) and torch.equal(ours[1], theirs.indices)
+    ref = Reference.from_logits(torch.randn(9, 4096, generator=gen))
+    ids = torch.randint(0, 4096, (9, 2), generator=gen)
+    a = readout.logit_stats(z, ref, ids, top_k=5, rank_columns=1, candidates=cand)
+    b = readout.logit_stats(z, ref, ids, top_k=5, rank_columns=1)
+    for name in ("top_ids", "top_probs", "entropy", "kl", "id_log_probs", "id_ranks"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(readout.top_k(z, 20, cand)[1], torch.topk(z, 20, dim=-1).indices)
+
+
+def test_a_rounded_readout_names_each_rows_top_tokens(tiny_model):
+    adapter = lenskit.ModelAdapter(tiny_model)
+    h = torch.randn(2, 5, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    fast = readout.Readout(adapter, "bf16").read(h)
+    assert fast.candidates.shape == (2, 5, readout.EXACT_HEAD)
+    top = torch.topk(fast.logits, 4, dim=-1).indices
+    assert (top.unsqueeze(-1) == fast.candidates.unsqueeze(-2)).any(-1).all()
+    assert readout.Readout(adapter, "exact").read(h).candidates is None
+
+
+def test_reference_equals_the_plain_softmax_in_and_out_of_autograd():
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(37, 2000, generator=gen) * 5
+    logits[3, :100] = -1e4  # underflows to p = 0
+    lp = torch.log_softmax(logits.double(), -1)
+    fast = Reference.from_logits(logits)
+    assert torch.allclose(fast.probs.double(), lp.exp(), atol=1e-7, rtol=1e-5)
+    assert torch.allclose(fast.neg_entropy.double(), (lp.exp() * lp).sum(-1), atol=1e-5)
+    leaf = logits.clone().requires_grad_(True)
+    slow = Reference.from_logits(leaf)
+    slow.neg_entropy.sum().backward()  # differentiable where asked
+    assert torch.allclose(slow.neg_entropy.detach(), fast.neg_entropy, atol=1e-5)
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def test_pair_divergences_equal_float64_definitions():
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(21, 3000, generator=gen) * 4
+    b = a + torch.randn(21, 3000, generator=gen) * 2
+    a[:, :50] = b[:, :50] = -1e4  # both underflow to p = q = 0 there
+    b[0] = a[0]
+    kl, js, tv = readout.pair_divergences(a, b, chunk=4)
+    p, q = torch.softmax(a.double(), -1), torch.softmax(b.double(), -1)
+    lp, lq = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    lm = torch.logaddexp(lp, lq) - LN2
+    assert torch.allclose(kl.double(), (p * (lp - lq)).sum(-1) / LN2, atol=1e-5)
+    want_js = 0.5 * ((p * (lp - lm)).sum(-1) + (q * (lq - lm)).sum(-1)) / LN2
+    assert torch.allclose(js.double(), want_js, atol=1e-5)
+    assert torch.allclose(tv.double(), 0.5 * (p - q).abs().sum(-1), atol=1e-6)
+    assert abs(float(kl[0])) < 1e-6 and abs(float(js[0])) < 1e-6 and float(tv[0]) == 0.0
+
+
 def test_a_rounded_readout_is_exact_on_each_rows_head(tiny_model):
     """bf16 logits equal float32 ones on the row's own head and on the ids asked for."""
     adapter = lenskit.ModelAdapter(tiny_model)
     gen = torch.Generator().manual_seed(1)
     x = adapter.final_norm(torch.randn(7, tiny_model.cfg.d_model, generator=gen)).detach()
     asked = torch.randint(0, adapter.d_vocab, (7, 3), generator=gen)
-    fast = readout.Readout(adapter, "bf16").unembed(x, asked)
-    exact = readout.Readout(adapter, "exact").unembed(x)
+    fast = readout.Readout(adapter, "bf16").unembed(x, asked).logits
+    exact = readout.Readout(adapter, "exact").unembed(x).logits
     head = torch.topk(exact, readout.EXACT_HEAD // 2, dim=-1).indices
     for ids in (head, asked):
         assert torch.allclose(fast.gather(1, ids), exact.gather(1, ids), atol=1e-5, rtol=0)

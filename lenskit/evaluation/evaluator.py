@@ -373,8 +373,8 @@ def _batch_sums(
             for k, row in enumerate(read):
                 if covered[i][k]:
                     moved = lens.transform_point(rows[k, part], row.layer, row.point)
-                    logits = engine.logits(moved, head, scratch=0)
-                    stats = engine.stats(logits, reference, ids[part], top_k=1)
+                    logits, cand = engine.read(moved, head, scratch=0)
+                    stats = engine.stats(logits, reference, ids[part], top_k=1, candidates=cand)
                     lens_sums[i, k].index_add_(1, owner[part], _row_values(stats, model_top))
             tick((lo + (i + 1) / len(lenses) * own_logits.shape[0]) / n_rows)
         for t, lens in enumerate(tuned):

@@ -37,6 +37,7 @@ from lenskit.readout.engine import (
     EXACT_HEAD,
     MATMUL_ROWS,
     REFERENCE_HEAD,
+    ReadLogits,
     Readout,
     head_ids,
     scratch_buffer,
@@ -50,7 +51,14 @@ from lenskit.readout.precision import (
     matmul_rates,
     resolve_precision,
 )
-from lenskit.readout.stats import STATS_ROWS, RowStats, concat_stats, logit_stats, top_k
+from lenskit.readout.stats import (
+    STATS_ROWS,
+    RowStats,
+    concat_stats,
+    logit_stats,
+    pair_divergences,
+    top_k,
+)
 
 __all__ = [
     "EXACT_HEAD",
@@ -60,6 +68,7 @@ __all__ = [
     "REFERENCE_HEAD",
     "SPEEDUP_NEEDED",
     "STATS_ROWS",
+    "ReadLogits",
     "Readout",
     "RowStats",
     "concat_stats",
@@ -68,6 +77,7 @@ __all__ = [
     "lowp_mm",
     "matmul_dtype",
     "matmul_rates",
+    "pair_divergences",
     "resolve_precision",
     "scratch_buffer",
     "top_k",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -33,6 +33,7 @@ __all__ = [
     "EXACT_HEAD",
     "MATMUL_ROWS",
     "REFERENCE_HEAD",
+    "ReadLogits",
     "Readout",
     "head_ids",
     "scratch_buffer",
@@ -44,6 +45,21 @@ EXACT_HEAD = 16
 """Tokens per row whose logits a rounded-output matmul has recomputed exactly in float32."""
 REFERENCE_HEAD = 8
 """The reference's most likely tokens per row that a rounded readout computes exactly."""
+
+
+class ReadLogits(NamedTuple):
+    """What a readout returns: float32 logits, and each row's top-k candidates if known.
+
+    Attributes:
+        logits: The float32 logits.
+        candidates: In a low precision on CPUs, each row's :data:`EXACT_HEAD` most
+            likely tokens by the rounded logits, read exactly: the row's top-k for any
+            ``k`` up to that, as far as the rounding of the tail allows (None in exact
+            mode). Pass them to :func:`~lenskit.readout.logit_stats`.
+    """
+
+    logits: Float[Tensor, "*cell d_vocab"]
+    candidates: Int[Tensor, "*cell head"] | None
 
 
 class _Scratch(threading.local):
@@ -72,7 +88,8 @@ def scratch_buffer(
 ) -> Tensor:
     """This thread's reusable ``[rows, cols]`` buffer number ``slot``, valid until its next use.
 
-    Slots 0 and 1 are the readout's (``scratch=``); training's KL step uses slot 2.
+    Slots 0 and 1 are the readout's (``scratch=``), 3 its exact head's; training's KL
+    step uses slot 2.
     """
     return _SCRATCH.get(slot, rows, cols, dtype, device)
 
@@ -106,26 +123,36 @@ class Readout:
                 found = cache[key] = (w._version, make())
         return found[1]
 
-    def _exact_head(self, x: Tensor, z: Tensor, exact: Int[Tensor, "cell head"] | None) -> Tensor:
+    def _exact_head(
+        self, x: Tensor, z: Tensor, exact: Int[Tensor, "cell head"] | None
+    ) -> tuple[Tensor, Tensor]:
         """Float32 logits ``z`` with each row's head recomputed exactly, in place.
 
         The head is the row's :data:`EXACT_HEAD` most likely tokens by the rounded logits
         and the tokens of ``exact`` (the reference's most likely, say): where almost all
         the probability lies, so that top-k, log-sum-exp, entropy and KL are exact there
-        and only the tail carries the matmul's rounding.
+        and only the tail carries the matmul's rounding. Returns ``z`` and the row's
+        own most likely tokens (its top-k :attr:`ReadLogits.candidates`).
         """
-        ids = top_k(z, min(EXACT_HEAD, z.shape[-1]))[1]
+        own = ids = top_k(z, min(EXACT_HEAD, z.shape[-1]))[1]
         if exact is not None:
             ids = torch.cat([ids, exact.to(ids.device)], 1)
         wt = self._cached("transposed", lambda: self.adapter.W_U.detach().float().T.contiguous())
         b = self.adapter.b_U.detach().float()
-        head = torch.bmm(wt[ids], x.unsqueeze(-1)).squeeze(-1) + b[ids]  # [cell, head]
-        return z.scatter_(1, ids, head)
+        # index_select into a reused buffer and a product-sum: 4x and 2x faster than
+        # wt[ids] and bmm, and no page faults on a fresh 28 MB tensor per block
+        flat = ids.reshape(-1)
+        out = self._out(3, flat.shape[0], torch.float32, wt.shape[1])
+        rows = torch.index_select(wt, 0, flat, out=out) if out is not None else wt[flat]
+        head = rows.view(*ids.shape, -1).mul_(x.unsqueeze(1)).sum(-1) + b[ids]  # [cell, head]
+        return z.scatter_(1, ids, head), own
 
-    def _out(self, slot: int | None, rows: int, dtype: torch.dtype) -> Tensor | None:
+    def _out(
+        self, slot: int | None, rows: int, dtype: torch.dtype, cols: int | None = None
+    ) -> Tensor | None:
         if slot is None or self.device.type != "cpu":  # CUDA's allocator caches already
             return None
-        return _SCRATCH.get(slot, rows, self.adapter.d_vocab, dtype, self.device)
+        return _SCRATCH.get(slot, rows, cols or self.adapter.d_vocab, dtype, self.device)
 
     def unembed(
         self,
@@ -133,12 +160,13 @@ class Readout:
         exact: Int[Tensor, "cell head"] | None = None,
         *,
         scratch: int | None = None,
-    ) -> Float[Tensor, "cell d_vocab"]:
+    ) -> ReadLogits:
         """``x @ W_U + b_U`` and the model's output transform, for normalised rows ``x``.
 
         In a low precision the matmul's inputs are rounded (sums stay float32). Where its
         output is rounded too (the fast CPU path), each row's head is recomputed in
-        float32 (:meth:`_exact_head`), with the tokens ``exact`` names.
+        float32 (:meth:`_exact_head`), with the tokens ``exact`` names, and returned as
+        the rows' top-k candidates.
 
         Args:
             x: Normalised residual rows (at most :data:`MATMUL_ROWS` with ``scratch``).
@@ -150,10 +178,11 @@ class Readout:
         w, b = adapter.W_U, adapter.b_U
         if rows > MATMUL_ROWS and scratch is not None:
             raise ValueError(f"scratch holds {MATMUL_ROWS} rows, got {rows}")
+        transform = adapter.model.adapter.apply_output_logits_transform
         if self.precision == "exact":
             out = self._out(scratch, rows, torch.float32)
             z = torch.addmm(b, x, w) if out is None else torch.addmm(b, x, w, out=out)
-            return adapter.model.adapter.apply_output_logits_transform(z).float()
+            return ReadLogits(transform(z).float(), None)
         x = x.float()
         w_low = self._cached(self.precision, lambda: w.detach().to(self.dtype).contiguous())
         z = lowp_mm(x, w_low, self.dtype, out=self._out(scratch, rows, self.dtype))
@@ -162,8 +191,11 @@ class Readout:
             z = z.float() if out is None else out.copy_(z)
         if self._cached("bias", lambda: bool(b.detach().any())):
             z += b.detach().float()
-        z = self._exact_head(x, z, exact)
-        return adapter.model.adapter.apply_output_logits_transform(z).float()
+        z, own = self._exact_head(x, z, exact)
+        out = transform(z)
+        # The candidates keep their place through an output transform that keeps the
+        # order of logits (a soft cap, a positive scale), the only kinds models use.
+        return ReadLogits(out.float(), own)
 
     def logits(
         self,
@@ -173,6 +205,22 @@ class Readout:
         scratch: int | None = None,
     ) -> Float[Tensor, "*cell d_vocab"]:
         """Float32 logits of residuals ``h`` through the final norm and unembedding.
+
+        See :meth:`read` for the arguments.
+        """
+        return self.read(h, exact, scratch=scratch).logits
+
+    def read(
+        self,
+        h: Float[Tensor, "*cell d_model"],
+        exact: Int[Tensor, "*cell head"] | None = None,
+        *,
+        scratch: int | None = None,
+    ) -> ReadLogits:
+        """Float32 logits of residuals ``h``, and each row's top-k candidates if known.
+
+        Pass :attr:`ReadLogits.candidates` on to :func:`~lenskit.readout.logit_stats`
+        (``candidates=``) so that its top-k need not search the whole vocabulary.
 
         Args:
             h: Residual rows.
@@ -193,11 +241,17 @@ class Readout:
                 )
                 for i in range(0, flat.shape[0], MATMUL_ROWS)
             ]
+        if not parts:
+            return ReadLogits(flat.new_zeros(*lead, self.adapter.d_vocab), None)
         if len(parts) == 1:
-            out = parts[0]  # no copy of a 100 MB block
+            out, cand = parts[0]  # no copy of a 100 MB block
         else:
-            out = torch.cat(parts) if parts else flat.new_zeros(0, self.adapter.d_vocab)
-        return out.reshape(*lead, out.shape[-1])
+            out = torch.cat([p.logits for p in parts])
+            cand = None if parts[0].candidates is None else torch.cat([p.candidates for p in parts])
+        return ReadLogits(
+            out.reshape(*lead, out.shape[-1]),
+            None if cand is None else cand.reshape(*lead, cand.shape[-1]),
+        )
 
     def reference_logits(
         self, h_final: Float[Tensor, "*cell d_model"]
@@ -221,9 +275,12 @@ class Readout:
         *,
         top_k: int,
         rank_columns: int = 0,
+        candidates: Int[Tensor, "cell head"] | None = None,
     ) -> RowStats:
-        """:func:`~lenskit.readout.logit_stats` of logits already read."""
-        return logit_stats(logits, reference, ids, top_k=top_k, rank_columns=rank_columns)
+        """:func:`~lenskit.readout.logit_stats` of logits already read (see :meth:`read`)."""
+        return logit_stats(
+            logits, reference, ids, top_k=top_k, rank_columns=rank_columns, candidates=candidates
+        )
 
     def read_stats(
         self,
@@ -240,8 +297,12 @@ class Readout:
             part = slice(i, i + MATMUL_ROWS)
             ref = None if reference is None else _ref_slice(reference, part)
             head = None if ref is None else head_ids(ref.probs)
-            logits = self.logits(h[part], head, scratch=0)
-            parts.append(self.stats(logits, ref, ids[part], top_k=top_k, rank_columns=rank_columns))
+            logits, cand = self.read(h[part], head, scratch=0)
+            parts.append(
+                self.stats(
+                    logits, ref, ids[part], top_k=top_k, rank_columns=rank_columns, candidates=cand
+                )
+            )
         return concat_stats(parts)
 
     def kl_nats(
@@ -259,14 +320,18 @@ class Readout:
         return torch.cat(out) if out else h.new_zeros(0)
 
 
-def head_ids(scores: Float[Tensor, "*cell d_vocab"]) -> Int[Tensor, "*cell head"]:
+def head_ids(
+    scores: Float[Tensor, "*cell d_vocab"], candidates: Int[Tensor, "*cell cand"] | None = None
+) -> Int[Tensor, "*cell head"]:
     """The :data:`REFERENCE_HEAD` most likely tokens of each row of probabilities or logits.
 
     Passed as ``exact=`` so that a low-precision readout is exact where that
     distribution (the reference ``p``, or the other lens of a divergence) is likely.
+    ``candidates``: the rows' :attr:`ReadLogits.candidates`, if they were read so.
     """
     flat = scores.reshape(-1, scores.shape[-1])
-    ids = top_k(flat, min(REFERENCE_HEAD, flat.shape[-1]))[1]
+    cand = None if candidates is None else candidates.reshape(flat.shape[0], -1)
+    ids = top_k(flat, min(REFERENCE_HEAD, flat.shape[-1]), cand)[1]
     return ids.reshape(*scores.shape[:-1], ids.shape[-1])
 
 
