@@ -4,11 +4,13 @@
 SmolLM2-135M (1,024 tokens a step, sequences of 256) in bfloat16 and float32, interleaved
 over rounds (medians), each beside two ceilings at the matmul speeds measured in the same
 rounds: the unembedding matmuls alone (``4 * d_model * d_vocab`` FLOP per token and row,
-at the step's precision), and those plus the model's forward pass (float32, its FLOPs
-counted by ``FlopCounterMode``). ``budget``: ``lenskit train --minutes M`` from launch
-to saved lens, trained on Shakespeare, scored on held-out text of another kind (the
-docstrings of Python's standard library, see :func:`docs_corpus`) and on held-out
-Shakespeare, per layer beside its own closed-form start.
+at the rate of those matmuls' own shapes in the step's precision), and those plus the
+model's forward pass (float32, its FLOPs counted by ``FlopCounterMode``). The steps start
+from a closed-form lens, as a training run's do.
+
+``budget``: ``lenskit train --minutes M`` from launch to saved lens, trained on its
+default corpus (``builtin:mix``), scored per layer beside its own closed-form start on
+held-out text of the training kind and of other kinds (:func:`held_out_corpora`).
 
 Every figure is written with the load average and the measured float32 / bfloat16
 matmul GFLOP/s beside it: on a shared machine the rates move with the load.
@@ -23,8 +25,6 @@ Writes ``benchmarks/results/train_<what>.json``.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import os
 import platform
@@ -35,65 +35,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SEQ_LEN, TOKENS_PER_STEP = 256, 1024
-DOC_MODULES = (
-    "argparse",
-    "asyncio",
-    "base64",
-    "bisect",
-    "calendar",
-    "collections",
-    "concurrent.futures",
-    "contextlib",
-    "csv",
-    "dataclasses",
-    "datetime",
-    "decimal",
-    "difflib",
-    "email",
-    "enum",
-    "fractions",
-    "functools",
-    "gzip",
-    "hashlib",
-    "heapq",
-    "http.client",
-    "inspect",
-    "io",
-    "ipaddress",
-    "itertools",
-    "json",
-    "logging",
-    "mailbox",
-    "multiprocessing",
-    "operator",
-    "os",
-    "pathlib",
-    "pickle",
-    "queue",
-    "random",
-    "re",
-    "sched",
-    "shutil",
-    "socket",
-    "sqlite3",
-    "statistics",
-    "string",
-    "subprocess",
-    "tarfile",
-    "tempfile",
-    "textwrap",
-    "threading",
-    "tokenize",
-    "traceback",
-    "typing",
-    "unittest",
-    "urllib.parse",
-    "urllib.request",
-    "uuid",
-    "warnings",
-    "weakref",
-    "zipfile",
-)
+LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "LGPL-2.1", "Artistic")
+# Held-out text of kinds that builtin:mix (plays, Python reference, docstrings) lacks.
+OTHER_KINDS = {
+    "licenses": [Path("/usr/share/common-licenses") / name for name in LICENSES],
+    "nodejs_api_docs": sorted(Path("/usr/share/doc/nodejs/api").glob("*.md")),
+}
 
 
 def machine() -> dict[str, object]:
@@ -110,21 +57,22 @@ def machine() -> dict[str, object]:
     }
 
 
-def docs_corpus(folder: Path) -> Path:
-    """Docstrings of standard-library modules, one ``.txt`` document per module."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in DOC_MODULES:
-        module = importlib.import_module(name)
-        parts = [inspect.getdoc(module) or ""]
-        for attr in sorted(getattr(module, "__all__", dir(module))):
-            obj = getattr(module, attr, None)
-            if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
-                continue
-            doc = inspect.getdoc(obj) or ""
-            if len(doc) > 200:
-                parts.append(f"{attr}\n\n{doc}")
-        (folder / f"{name}.txt").write_text("\n\n".join(p for p in parts if p), encoding="utf-8")
-    return folder
+def held_out_corpora(tokenizer: object, tokens: int) -> dict[str, object]:
+    """Held-out chunks: the mix's held-out split (the training kind), the plays the default
+    evaluation holds out, and the other kinds present on this machine."""
+    from lenskit.data import Corpus, default_corpus, load_corpus, split_documents
+    from lenskit.data import tokenize_corpus as tok
+
+    corpora = {
+        "mix_held_out": split_documents(load_corpus("builtin:mix"), 0.1, seed=0)[1],
+        "shakespeare_held_out": split_documents(default_corpus(), 0.1, seed=0)[1],
+    }
+    for name, paths in OTHER_KINDS.items():
+        files = [p for p in paths if p.is_file()]
+        if files:
+            texts = tuple(p.read_text(encoding="utf-8", errors="replace") for p in files)
+            corpora[name] = Corpus(name, texts)
+    return {k: tok(c, tokenizer, SEQ_LEN, max_tokens=tokens).tokens for k, c in corpora.items()}
 
 
 def forward_flops(model, batch) -> float:
@@ -157,11 +105,47 @@ def kl_step_rate(model, lens, batches, precision: str) -> float:
     return sum(b.numel() for b in batches) / (time.perf_counter() - tic)
 
 
-def ceilings(model, lens, batch, rates: dict[str, float]) -> dict[str, float]:
+def step_matmul_rates(adapter, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of the KL step's own two vocabulary matmuls, at their shapes, per precision.
+
+    ``[rows, d_model + 2] @ [d_model + 2, d_vocab]`` into a reused output, then that
+    ``@ [d_vocab, d_model]``, with the step's rows per matmul; the median of ``repeats``.
+    """
+    import statistics
+
+    import torch
+
+    from lenskit.training.kl_step import MATMUL_ROWS
+
+    d, v = adapter.d_model, adapter.d_vocab
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        n = MATMUL_ROWS[dtype]
+        a, w = torch.randn(n, d + 2, dtype=dtype), torch.randn(d + 2, v, dtype=dtype)
+        wt, e = torch.randn(v, d, dtype=dtype), torch.empty(n, v, dtype=dtype)
+        times = []
+        for _ in range(repeats + 1):
+            tic = time.perf_counter()
+            torch.mm(a, w, out=e)
+            e @ wt
+            times.append(time.perf_counter() - tic)
+        out[name] = 2 * n * v * (2 * d + 2) / statistics.median(times[1:]) / 1e9
+    return out
+
+
+def start_lens(model, chunks):
+    """The closed-form start ``lenskit train`` fine-tunes from, fitted on ``chunks``."""
+    from lenskit.training.closed_form import fit_closed_form
+
+    return fit_closed_form(model, chunks, ridge=1e-6)
+
+
+def ceilings(model, lens, batch, rates: dict[str, float], forward_rate: float) -> dict[str, float]:
     """Tokens/s if every matmul of a step ran at the measured rate of its precision.
 
-    ``unembedding``: only the two ``[rows, d_vocab]`` matmuls per translated row (at the
-    step's precision). ``step``: also the model's forward pass (float32), counted by
+    ``unembedding``: only the two ``[rows, d_vocab]`` matmuls per translated row, at
+    ``rates`` (GFLOP/s of those matmuls' own shapes, :func:`step_matmul_rates`). ``step``:
+    also the model's forward pass (float32, at ``forward_rate``), counted by
     ``FlopCounterMode``; the translators' own matmuls (under 2%) are left out.
     """
     from lenskit.training.kl_step import step_flops
@@ -171,7 +155,7 @@ def ceilings(model, lens, batch, rates: dict[str, float]) -> dict[str, float]:
     out = {}
     for precision in ("float32", "bfloat16"):
         unembed_s = per_token_unembed / (rates[precision] * 1e9)
-        forward_s = per_token_forward / (rates["float32"] * 1e9)
+        forward_s = per_token_forward / (forward_rate * 1e9)
         out[f"{precision}_unembedding"] = 1 / unembed_s
         out[f"{precision}_step"] = 1 / (unembed_s + forward_s)
     return out
@@ -186,8 +170,7 @@ def speed(steps: int, rounds: int, precisions: tuple[str, ...]) -> dict[str, obj
     import statistics
 
     import lenskit
-    from lenskit.data import default_corpus, tokenize_corpus
-    from lenskit.lenses.tuned import TunedLens
+    from lenskit.data import default_corpus, load_corpus, tokenize_corpus
     from lenskit.progress import frozen
 
     model = lenskit.load_model()
@@ -195,11 +178,13 @@ def speed(steps: int, rounds: int, precisions: tuple[str, ...]) -> dict[str, obj
     chunks = tokenize_corpus(
         default_corpus(), model.tokenizer, SEQ_LEN, max_tokens=TOKENS_PER_STEP * steps * rounds
     ).tokens
-    lens = TunedLens.untrained(model)
+    fit = tokenize_corpus(load_corpus("builtin:mix"), model.tokenizer, SEQ_LEN, max_tokens=4096)
+    lens = start_lens(model, fit.tokens)  # the steps of a run start from its closed form
     log: list[dict[str, object]] = []
     with frozen(model):
         for r in range(rounds):
             round_info: dict[str, object] = {"machine": machine()}
+            round_info["step_matmul_gflops"] = step_matmul_rates(lens.adapter)
             for precision in precisions:
                 first = (r * steps) * per % max(1, len(chunks) - per * steps)
                 batches = [chunks[first + i * per : first + (i + 1) * per] for i in range(steps)]
@@ -208,11 +193,17 @@ def speed(steps: int, rounds: int, precisions: tuple[str, ...]) -> dict[str, obj
             log.append(round_info)
             print(f"round {r}: {round_info}", flush=True)
         rates = {
-            p: statistics.median(float(x["machine"][f"gflops_{p}"]) for x in log)
+            p: statistics.median(float(x["step_matmul_gflops"][p]) for x in log)
             for p in ("float32", "bfloat16")
         }
-        ceiling = ceilings(model, lens, chunks[:per], rates)
-    out: dict[str, object] = {"rounds": log, "median_gflops": rates}
+        forward_rate = statistics.median(float(x["machine"]["gflops_float32"]) for x in log)
+        ceiling = ceilings(model, lens, chunks[:per], rates, forward_rate)
+    out: dict[str, object] = {
+        "rounds": log,
+        "median_step_matmul_gflops": rates,
+        "median_float32_gflops_forward": forward_rate,
+        "lens": "the closed-form start on 4,096 tokens of builtin:mix, as a run steps from it",
+    }
     for precision in precisions:
         rate = statistics.median(float(x[precision]) for x in log)
         out[precision] = {
@@ -226,7 +217,8 @@ def speed(steps: int, rounds: int, precisions: tuple[str, ...]) -> dict[str, obj
     return out
 
 
-_WRAPPER = """
+# lenskit's CLI (argv[2:]), saving the closed-form start's translators to argv[1].
+WRAPPER = """
 import sys, torch
 from lenskit import cli
 from lenskit.training import phases
@@ -244,7 +236,7 @@ def budget(minutes: float, work: Path, extra: list[str], tokens: int) -> dict[st
     """``lenskit train --minutes`` from launch to saved lens, then :func:`score`."""
     out, start_file = work / f"lens-{minutes:g}min", work / f"start-{minutes:g}min.pt"
     before = machine()
-    cmd = [sys.executable, "-c", _WRAPPER, str(start_file), "train", "--minutes", str(minutes)]
+    cmd = [sys.executable, "-c", WRAPPER, str(start_file), "train", "--minutes", str(minutes)]
     cmd += ["--out", str(out), "--quiet", *extra]
     tic = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -263,13 +255,11 @@ def budget(minutes: float, work: Path, extra: list[str], tokens: int) -> dict[st
 def score(out: Path, start_file: Path, work: Path, tokens: int) -> dict[str, object]:
     """Held-out KL of the logit lens, the closed-form start and the trained lens, per layer.
 
-    On ``tokens`` tokens of each corpus: the standard-library docstrings and held-out
-    Shakespeare.
+    On ``tokens`` tokens of each of :func:`held_out_corpora`.
     """
     import torch
 
     import lenskit
-    from lenskit.data import default_corpus, load_corpus, split_documents, tokenize_corpus
     from lenskit.evaluation.layer_kl import layer_kl_sums
     from lenskit.lenses.tuned import TunedLens
     from lenskit.metrics import LN2
@@ -279,18 +269,13 @@ def score(out: Path, start_file: Path, work: Path, tokens: int) -> dict[str, obj
     tuned = TunedLens.load(model, out)
     start = TunedLens.untrained(model)
     start.translators.load_state_dict(torch.load(start_file, weights_only=True))
-    held_docs = tokenize_corpus(
-        load_corpus(str(docs_corpus(work / "docs"))), model.tokenizer, SEQ_LEN, max_tokens=tokens
-    )
-    play = split_documents(default_corpus(), 0.1, seed=0)[1]
-    held_play = tokenize_corpus(play, model.tokenizer, SEQ_LEN, max_tokens=tokens)
     scores = {}
-    for name, chunks in (("python_docs", held_docs), ("shakespeare_held_out", held_play)):
+    for name, chunks in held_out_corpora(model.tokenizer, tokens).items():
         lenses = [lenskit.get_lens("logit", model), start, tuned]
-        kl = (layer_kl_sums(model, lenses, chunks.tokens) / chunks.tokens.numel() / LN2).tolist()
+        kl = (layer_kl_sums(model, lenses, chunks) / chunks.numel() / LN2).tolist()
         worse = [i for i, (a, b) in enumerate(zip(kl[1], kl[2], strict=True)) if b > a + 1e-6]
         scores[name] = {
-            "tokens": chunks.tokens.numel(),
+            "tokens": chunks.numel(),
             "mean_kl_bits": {
                 k: sum(v) / len(v) for k, v in zip(("logit", "start", "tuned"), kl, strict=True)
             },

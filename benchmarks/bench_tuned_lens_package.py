@@ -1,7 +1,8 @@
 """lenskit's tuned-lens training beside the tuned-lens package (0.2.0), on this machine.
 
 Both tools train a tuned lens for the embedded SmolLM2-135M-Instruct on the same data
-(the training split of the default Shakespeare corpus, split by document with seed 0),
+(the training split of ``lenskit train``'s default corpus ``builtin:mix``: plays, Python
+reference and docstrings; split by document with seed 0, as ``lenskit train`` splits it),
 with sequence length 256 and 1,024 tokens per step. Quality is the mean over the 30
 block inputs of ``KL(model output || lens)`` in bits per token on the same held-out
 chunks, scored for both tools by lenskit's evaluator (``layer_kl_sums``, which the
@@ -19,13 +20,15 @@ Phases (each writes its result into ``--work``; a rerun skips finished phases):
 4. ``lenskit``: ``lenskit train --minutes 3`` (and, with ``--long``, ``--minutes 15``),
    timed from launch to saved lens.
 5. ``score``: held-out KL of the package's snapshots at 5, 10 and 15 minutes (the last
-   snapshot written by then) and of both lenskit lenses, on two held-out corpora: the
-   Shakespeare held-out split and the standard-library docstrings of
-   ``bench_train.docs_corpus``.
+   snapshot written by then) and of both lenskit lenses, on held-out text of the training
+   kind (the mix's held-out split) and on text of other kinds that neither tool trained
+   on: the license texts of ``/usr/share/common-licenses`` and, where Node.js is
+   installed, its API documentation (``/usr/share/doc/nodejs/api``).
 
 ``speed`` instead times the KL step side by side, in one run: rounds of the package's
 own training loop (``--steps`` + 1 steps, the first left out) and of lenskit's bfloat16
-KL step on the same training chunks, alternating, with the load average and matmul
+KL step on the same training chunks (from a closed-form start fitted on other chunks,
+as ``lenskit train`` steps), alternating, with the load average and matmul
 rates of each round; medians over ``--rounds``.
 
 Run (quiet machine, times for this 2-core AMX kind):
@@ -54,11 +57,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_train  # noqa: E402
+
 SEQ_LEN = 256
 TOKENS_PER_STEP = 1024
 PACKAGE_PINS = ["tuned-lens==0.2.0", "torchdata==0.8.0", "transformers<5", "datasets<4"]
 # The lenskit runs: a wall-clock budget from launch to saved lens (``--long`` adds 15 minutes).
 LENSKIT_RUNS = {"lenskit_3min": ["--minutes", "3"], "lenskit_15min": ["--minutes", "15"]}
+DATA = "builtin:mix"  # lenskit train's default corpus
 
 
 def _run(cmd: list[str], **kwargs: object) -> None:
@@ -81,7 +88,7 @@ def phase_prepare(work: Path) -> dict[str, object]:
     import torch
 
     import lenskit
-    from lenskit.data import default_corpus, split_documents, tokenize_corpus
+    from lenskit.data import load_corpus, split_documents, tokenize_corpus
     from lenskit.models import embedded_model_dir
 
     model_dir = work / "smollm2-135m-hf4"
@@ -101,7 +108,7 @@ def phase_prepare(work: Path) -> dict[str, object]:
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     (model_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
 
-    train, held = split_documents(default_corpus(), 0.1, seed=0)
+    train, held = split_documents(load_corpus(DATA), 0.1, seed=0)
     with (work / "train.jsonl").open("w") as f:
         for doc in train.documents:
             f.write(json.dumps({"text": doc}) + "\n")
@@ -232,22 +239,18 @@ def phase_speed(
     """KL-step tokens/s of the package and of lenskit (bf16), interleaved round by round."""
     import statistics
 
-    sys.path.insert(0, str(HERE))
-    import bench_train
-
     import lenskit
-    from lenskit.data import default_corpus, split_documents, tokenize_corpus
-    from lenskit.lenses.tuned import TunedLens
+    from lenskit.data import load_corpus, split_documents, tokenize_corpus
     from lenskit.progress import frozen
 
     model = lenskit.load_model()
-    train = split_documents(default_corpus(), 0.1, seed=0)[0]
+    train = split_documents(load_corpus(DATA), 0.1, seed=0)[0]
     per = TOKENS_PER_STEP // SEQ_LEN
     chunks = tokenize_corpus(
-        train, model.tokenizer, SEQ_LEN, max_tokens=TOKENS_PER_STEP * steps
+        train, model.tokenizer, SEQ_LEN, max_tokens=TOKENS_PER_STEP * steps + 4096
     ).tokens
     batches = [chunks[i * per : (i + 1) * per] for i in range(steps)]
-    lens = TunedLens.untrained(model)
+    lens = bench_train.start_lens(model, chunks[steps * per :])  # as a run steps from it
     log = []
     for r in range(rounds):
         entry: dict[str, object] = {"machine": bench_train.machine()}
@@ -277,8 +280,12 @@ def phase_lenskit(work: Path, long: bool) -> dict[str, object]:
         out = work / name
         if out.exists():
             shutil.rmtree(out)
+        start_file = work / f"{name}-start.pt"
         cmd = [
-            "lenskit",
+            sys.executable,
+            "-c",
+            bench_train.WRAPPER,  # lenskit's CLI, saving the closed-form start
+            str(start_file),
             "train",
             "--model",
             "smollm2-135m",
@@ -294,9 +301,10 @@ def phase_lenskit(work: Path, long: bool) -> dict[str, object]:
         _run(cmd)
         metrics = json.loads((out / "metrics.json").read_text())
         results[name] = {
-            "command": cmd,
+            "command": ["lenskit", *cmd[4:]],
             "seconds": time.time() - start,
             "dir": str(out),
+            "start": str(start_file),
             "metrics": {k: v for k, v in metrics.items() if k != "layers"},
         }
         done.write_text(json.dumps(results, indent=2))
@@ -312,18 +320,9 @@ def phase_score(work: Path, package: dict, runs: dict, minutes: float) -> dict[s
     from lenskit.lenses.tuned import TunedLens
     from lenskit.metrics import LN2
 
-    sys.path.insert(0, str(HERE))
-    from bench_train import docs_corpus
-
-    from lenskit.data import load_corpus, tokenize_corpus
-
     model = lenskit.load_model()
-    corpora = {
-        "shakespeare_held_out": torch.load(work / "heldout.pt", weights_only=True),
-        "python_docs": tokenize_corpus(
-            load_corpus(str(docs_corpus(work / "docs"))), model.tokenizer, SEQ_LEN, max_tokens=2048
-        ).tokens,
-    }
+    corpora = bench_train.held_out_corpora(model.tokenizer, 2048)
+    starts = {}
     lenses, names = [lenskit.get_lens("logit", model)], ["logit lens (step 0)"]
     marks = [m for m in (5, 10, 15, 20) if m <= minutes + 1e-9]
     for mark in marks:
@@ -344,6 +343,11 @@ def phase_score(work: Path, package: dict, runs: dict, minutes: float) -> dict[s
     for name, run in runs.items():
         lenses.append(lenskit.get_lens("tuned", model, path=run["dir"]))
         names.append(f"{name} ({run['seconds']:.0f} s)")
+        start = TunedLens.untrained(model)
+        start.translators.load_state_dict(torch.load(run["start"], weights_only=True))
+        lenses.append(start)
+        names.append(f"{name} closed-form start")
+        starts[names[-2]] = names[-1]
     scores = {}
     for corpus, tokens in corpora.items():
         sums = layer_kl_sums(model, lenses, tokens, progress=True)
@@ -352,6 +356,11 @@ def phase_score(work: Path, package: dict, runs: dict, minutes: float) -> dict[s
             n: {"mean_kl_bits": sum(v) / len(v), "per_layer_kl_bits": v}
             for n, v in zip(names, per_layer, strict=True)
         }
+        for tuned, start in starts.items():
+            before = scores[corpus][start]["per_layer_kl_bits"]
+            pairs = zip(before, per_layer[names.index(tuned)], strict=True)
+            worse = [i for i, (a, b) in enumerate(pairs) if b > a + 1e-6]
+            scores[corpus][tuned]["layers_worse_than_start"] = worse
     return scores
 
 

@@ -132,7 +132,8 @@ def load_corpus(
     """Load a corpus (without blank documents) from files or a cached HF dataset.
 
     Args:
-        source: ``None`` for :func:`default_corpus`; a ``.txt``/``.md`` file (one document);
+        source: ``None`` for :func:`default_corpus`; ``builtin:NAME`` for a corpus of
+            :mod:`lenskit.corpora` (``builtin:mix``, ...); a ``.txt``/``.md`` file (one document);
             a ``.jsonl`` file (one document per line); a folder (its ``.txt``, ``.md`` and
             ``.jsonl`` files, recursively, sorted by path); or the name of a Hugging Face
             dataset in the local cache (its ``train`` split, loaded offline).
@@ -143,6 +144,10 @@ def load_corpus(
     """
     if source is None:
         return default_corpus()
+    if isinstance(source, str) and source.startswith("builtin:"):
+        from lenskit.corpora import builtin_corpus  # it builds on this module
+
+        return builtin_corpus(source)
     path, name = Path(source), str(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())

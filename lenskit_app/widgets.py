@@ -137,21 +137,37 @@ def checked_path(check: Callable[[str], T], text: str, key: str) -> T | None:
     return value
 
 
-def corpus_section(key: str) -> str | None:
-    """The corpus picker: the default corpus (None) or a typed path, checked.
+_BUILTIN_LABELS = {"builtin:mix": "Mixed text", "builtin:shakespeare": "Shakespeare"}
+_MIX_HELP = (
+    "Mixed text: Shakespeare's plays (all but those the Evaluate page holds out), the "
+    "Python language reference and standard-library docstrings, in equal shares."
+)
 
+
+def corpus_section(key: str, *, default: str | None = None) -> str | None:
+    """The corpus picker: a built-in corpus or a typed path, checked.
+
+    ``default`` None offers the default corpus (Shakespeare, returned as None) or a path;
+    a built-in ``default`` (``builtin:mix`` or ``builtin:shakespeare``, from the page's
+    config) offers both built-ins, that one first, and returns the ``builtin:NAME`` chosen.
     A bad or missing path shows its error (or a hint) in place and returns None; the rest
     of the form stays, and :func:`form_blocked` tells the page to keep Run disabled.
     """
+    if default is None:
+        named: dict[str, str | None] = {"Shakespeare (default)": None}
+    else:
+        others = {label: src for src, label in _BUILTIN_LABELS.items() if src != default}
+        named = {f"{_BUILTIN_LABELS[default]} (default)": default, **others}
     choice = st.radio(
         "Corpus",
-        ["Shakespeare (default)", "File or folder"],
+        [*named, "File or folder"],
         horizontal=True,
         key=f"{key}_corpus_kind",
+        help=None if default is None else _MIX_HELP,
     )
-    if choice.startswith("Shakespeare"):
+    if choice in named:
         _form_errors()[f"{key}_corpus"] = None
-        return None
+        return named[choice]
     text = st.text_input(
         "Corpus path",
         key=f"{key}_corpus_path",

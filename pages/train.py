@@ -10,6 +10,7 @@ import streamlit as st
 
 import lenskit_app.state as S
 from lenskit import plotting
+from lenskit.corpora import is_builtin
 from lenskit.training import CHECKPOINT_FILE, QUICK, TrainConfig, delete_unfinished, holder
 from lenskit_app import jobs, loaders, widgets
 from lenskit_app.paths import corpus_path, describe_roots, folder_name, next_lens_dir, out_path
@@ -32,7 +33,7 @@ record = st.session_state.get(S.TRAIN)
 if record and record["status"] == "running":
     record["status"] = "stopped"
 
-corpus = widgets.corpus_section("train")
+corpus = widgets.corpus_section("train", default=QUICK.data)
 c1, c2, c3 = st.columns(3)
 seq_len = c1.number_input(
     "Tokens per sequence", 2, adapter.n_ctx, min(QUICK.seq_len, adapter.n_ctx)
@@ -154,8 +155,8 @@ elif checkpoint.is_file():
         st.warning(
             ("Training stopped; its checkpoint is saved. " if stopped else "")
             + f"{out} holds an unfinished run ({old.tokens:,} fine-tuning tokens on "
-            f"{old.data or 'Shakespeare'}): Resume continues it with its own settings; choose "
-            "another output folder to start afresh."
+            f"{old.data or 'builtin:shakespeare'}): Resume continues it with its own "
+            "settings; choose another output folder to start afresh."
         )
         resumable = True
 elif stopped:
@@ -173,7 +174,7 @@ if not (start or resume):
 
 if resume:
     config = S.guard(jobs.checkpoint_config, str(out), checkpoint.stat().st_mtime_ns)
-    if config.data is not None:  # the checkpoint may come from elsewhere: check its corpus
+    if config.data is not None and not is_builtin(config.data):  # check its corpus path
         S.guard(corpus_path, config.data)
 else:
     config = S.guard(

@@ -20,7 +20,7 @@ from lenskit.commands import eval as eval_cmd
 from lenskit.data import Corpus, TokenChunks
 from lenskit.errors import LenskitError
 from lenskit.evaluation import eval_chunks, evaluate
-from lenskit.evaluation.layer_kl import layer_kl
+from lenskit.evaluation.layer_kl import layer_kl, layer_kl_sums, layer_kl_tokens
 from lenskit.evaluation.results import COLUMNS, METRICS, PER_BYTE, ChunkMoments
 from lenskit.lenses.jacobian import JLens
 from lenskit.lenses.tuned import TunedLens
@@ -194,6 +194,24 @@ def test_layer_kl_skips_rows_a_lens_does_not_cover(tiny_llama, chunks):
     assert ours.covered.tolist() == [False, True, True, True] and reference.covered.all()
     assert math.isnan(ours.kl_bits[0]) and reference.kl_bits.notna().all()
     assert ours.kl_bits[1:].tolist() == pytest.approx(reference.kl_bits[1:].tolist(), abs=1e-5)
+
+
+def test_per_token_kl_matches_a_float64_reference_and_the_sums(tiny_llama, chunks):
+    jlens, lens = JLens.identity(tiny_llama), randomised(tiny_llama)
+    per_token = layer_kl_tokens(tiny_llama, [lens, jlens], chunks.tokens, batch_size=2)
+    assert per_token.shape == (2, tiny_llama.cfg.n_layers, chunks.n_tokens)
+    sums = layer_kl_sums(tiny_llama, [lens, jlens], chunks.tokens)
+    torch.testing.assert_close(
+        per_token.double().sum(-1), sums, rtol=1e-5, atol=1e-4, equal_nan=True
+    )
+    assert per_token[1, 0].isnan().all() and not per_token[0].isnan().any()
+    logits, cache = tiny_llama.run_with_cache(chunks.tokens)
+    p = torch.log_softmax(logits.double(), -1).flatten(0, 1)
+    for layer in (0, tiny_llama.cfg.n_layers - 1):
+        h = cache[f"blocks.{layer}.hook_resid_pre"].flatten(0, 1)
+        q = torch.log_softmax(lens.forward(h, layer).double(), -1)
+        reference = (p.exp() * (p - q)).sum(-1)  # KL(model || lens) in nats, per token
+        torch.testing.assert_close(per_token[0, layer].double(), reference, rtol=1e-3, atol=1e-4)
 
 
 _FLAT_MEMORY_SCRIPT = """

@@ -43,6 +43,7 @@ LAYERS = {
     "lenskit.metrics": 5,
     "lenskit.progress": 5,
     "lenskit.data": 5,
+    "lenskit.corpora": 5,
     "lenskit.io": 2,
     "lenskit.typing": 1,
     "lenskit.settings": 1,

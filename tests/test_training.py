@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomised, write_corpus
+from helpers import SMALL, randomised, write_corpus
 from helpers import small as small_config
 from streamlit.testing.v1 import AppTest
 
 import lenskit_app.state as S
 from lenskit import cli
 from lenskit.commands.flags import add_flags, config_from_args
+from lenskit.data import load_corpus, split_documents, tokenize_corpus
 from lenskit.errors import LenskitError
 from lenskit.residual import tokenize
 from lenskit.training import (
@@ -34,6 +35,8 @@ from lenskit.training import (
 from lenskit.training.checkpoints import load_checkpoint
 from lenskit.training.kl_step import Bf16Unembedding, bf16_logsumexp, kl_step
 from lenskit.training.lock import LOCK_FILE, FolderLock, holder
+from lenskit.training.loop import _data
+from lenskit.training.phases import clearly_better
 from lenskit_app.paths import DIRS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +120,9 @@ def test_the_train_page_takes_its_defaults_from_the_preset(workdir):
     boxes = {b.label: b.value for b in at.number_input}
     for label, name in APP_FIELDS.items():
         assert boxes[label] == getattr(QUICK, name), label
+    corpus = at.radio(key="train_corpus_kind")
+    assert QUICK.data == "builtin:mix" and corpus.value == "Mixed text (default)"
+    assert corpus.options == ["Mixed text (default)", "Shakespeare", "File or folder"]
 
 
 # --- typed run state --------------------------------------------------------------------
@@ -216,6 +222,29 @@ def test_blocked_kl_step_matches_the_layer_by_layer_float64_step(tiny_llama, mon
         assert sums.shape == ref_sums.shape
         assert torch.allclose(sums, ref_sums, rtol=tol, atol=tol)
         assert (grad.double() - ref_grad).norm() < tol * ref_grad.norm()
+
+
+def test_a_layer_keeps_its_start_unless_fine_tuning_clearly_wins():
+    gen = torch.Generator().manual_seed(0)
+    start = torch.rand(512, generator=gen) * 4  # one layer's KL per validation token
+    noise = torch.randn(512, generator=gen)
+    assert clearly_better(start, start - 0.3 + 0.1 * noise)
+    assert not clearly_better(start, start - 0.01 + noise)  # a gain within the noise
+    assert not clearly_better(start, start + 0.2)
+    assert clearly_better(torch.tensor(2.0), torch.tensor(1.9))  # an earlier checkpoint's means
+
+
+def test_validation_chunks_are_drawn_from_the_whole_stream(tiny_llama, corpus_dir):
+    config = small(corpus_dir, val_tokens=4 * SMALL["seq_len"])
+    pool, val, _ = _data(tiny_llama, config)
+    train = split_documents(load_corpus(config.data), config.held_out, seed=config.seed)[0]
+    need = max(config.lstsq_tokens + config.tokens + config.val_tokens, 1 << 20)
+    every = tokenize_corpus(train, tiny_llama.tokenizer, config.seq_len, max_tokens=need).tokens
+    assert len(val) == 4 and len(pool) + len(val) == len(every)
+    rows = {tuple(r) for r in every.tolist()}
+    assert {tuple(r) for r in torch.cat([pool, val]).tolist()} == rows
+    assert not torch.equal(val, every[-4:])  # not the stream's tail, which is one kind of text
+    assert torch.equal(_data(tiny_llama, config)[1], val)  # the same on a resume
 
 
 def test_a_bf16_run_trains_and_says_so(tiny_llama, corpus_dir, tmp_path):

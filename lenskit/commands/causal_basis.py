@@ -53,7 +53,11 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="basis folder (new, or one of this model and lens: layers are added or replaced)",
     )
-    add("--data", default=None, help="corpus file, folder or cached dataset (Shakespeare)")
+    add(
+        "--data",
+        default=None,
+        help="corpus file, folder, cached dataset or builtin:NAME (default: Shakespeare)",
+    )
     add_flags(parser.add_argument_group("extraction settings"), CausalBasisConfig)
     add(
         "--figures",

@@ -58,7 +58,11 @@ def register(sub: Any) -> None:
         help="lens spec KIND or KIND:PATH, optionally named (mine=tuned:DIR); repeat for "
         "several (default: logit)",
     )
-    add("--data", default=None, help="corpus file, folder or cached dataset (Shakespeare)")
+    add(
+        "--data",
+        default=None,
+        help="corpus file, folder, cached dataset or builtin:NAME (default: Shakespeare)",
+    )
     add(
         "--out",
         required=True,

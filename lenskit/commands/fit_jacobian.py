@@ -30,7 +30,11 @@ def register(sub: Any) -> None:
     )
     add = parser.add_argument
     add("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    add("--data", default=None, help="corpus file, folder or cached dataset (Shakespeare)")
+    add(
+        "--data",
+        default=None,
+        help="corpus file, folder, cached dataset or builtin:NAME (default: Shakespeare)",
+    )
     add("--prompts", type=int, required=True, help="prompts to average over")
     add("--seq-len", type=int, default=128, help="tokens per prompt, BOS included (128)")
     add("--out", required=True, metavar="FILE", help="artifact file (a folder: FILE/lens.pt)")

@@ -2,7 +2,8 @@
 
 :func:`layer_kl_sums` runs token chunks through the model once per batch and lets every
 lens read the same residuals; training uses it to score translators, and
-:func:`layer_kl` turns it into a per-layer table. :func:`lenskit.evaluation.evaluate`
+:func:`layer_kl` turns it into a per-layer table; :func:`layer_kl_tokens` keeps every
+token's value. :func:`lenskit.evaluation.evaluate`
 is the full evaluation (cross-entropy, entropy, top-1 agreement, error bars).
 
 Example:
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -35,7 +36,7 @@ from lenskit.progress import Progress, ProgressCallback
 from lenskit.readout import MATMUL_ROWS, Readout
 from lenskit.residual import capture, row_capture_points
 
-__all__ = ["ROWS_PER_READOUT", "layer_kl", "layer_kl_sums"]
+__all__ = ["ROWS_PER_READOUT", "layer_kl", "layer_kl_sums", "layer_kl_tokens"]
 
 ROWS_PER_READOUT = MATMUL_ROWS  # rows per unembedding matmul (lenskit.readout.MATMUL_ROWS)
 
@@ -73,38 +74,92 @@ def layer_kl_sums(
         NaN where a lens does not cover the row; rows are the block inputs (and
         ``resid_mid`` rows, if asked for), not the output.
     """
+    sums = torch.zeros(len(lenses), _n_rows(model, lenses, points), dtype=torch.float64)
+    for kl in _batches(model, lenses, tokens, batch_size, progress, precision, points, on_progress):
+        sums += kl.double().sum(-1)
+    if lenses:
+        sums[~_covered(lenses, points)] = math.nan  # also where no batch ran
+    return sums
+
+
+def layer_kl_tokens(
+    model: Any,
+    lenses: Sequence[Lens],
+    tokens: Int[Tensor, "chunk pos"],
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+    precision: str | None = None,
+    points: Sequence[str] = ("resid_pre",),
+    on_progress: ProgressCallback | None = None,
+) -> Float[Tensor, "lens layer cell"]:
+    """``KL(model output || lens)`` in nats of every token, per lens and block input.
+
+    As :func:`layer_kl_sums` (whose sums these are, and whose arguments these are), but
+    each token's value is kept: the cells are the tokens in ``tokens.flatten()`` order,
+    float32, NaN where a lens does not cover the row.
+    """
+    parts = list(
+        _batches(model, lenses, tokens, batch_size, progress, precision, points, on_progress)
+    )
+    if not parts:
+        return torch.zeros(len(lenses), _n_rows(model, lenses, points), 0)
+    return torch.cat(parts, -1)
+
+
+def _n_rows(model: Any, lenses: Sequence[Lens], points: Sequence[str]) -> int:
+    return len(point_rows(lenses, points)) - 1 if lenses else int(model.cfg.n_layers)
+
+
+def _covered(lenses: Sequence[Lens], points: Sequence[str]) -> Tensor:
+    """``[lens, row]``: whether each lens reads each row."""
+    read = point_rows(lenses, points)[:-1] if lenses else []
+    return torch.tensor(
+        [[lens.covers_point(r.layer, r.point) for r in read] for lens in lenses], dtype=torch.bool
+    ).view(len(lenses), len(read))
+
+
+def _batches(
+    model: Any,
+    lenses: Sequence[Lens],
+    tokens: Tensor,
+    batch_size: int,
+    progress: bool,
+    precision: str | None,
+    points: Sequence[str],
+    on_progress: ProgressCallback | None,
+) -> Iterator[Tensor]:
+    """Per batch, ``[lens, row, token]`` KL (nats, float32; NaN where not covered)."""
     if batch_size < 1:
         raise LenskitError(f"batch_size must be >= 1, got {batch_size}: pass a positive size")
-    read = point_rows(lenses, points)[:-1] if lenses else []
-    n_layers = len(read) if lenses else int(model.cfg.n_layers)
-    sums = torch.zeros(len(lenses), n_layers, dtype=torch.float64)
+    if not lenses:
+        return
+    read = point_rows(lenses, points)[:-1]
     covered = [[lens.covers_point(r.layer, r.point) for r in read] for lens in lenses]
     starts = range(0, tokens.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="held-out KL", unit="batch", leave=False)
-    device = lenses[0].adapter.W_U.device if lenses else "cpu"
-    engine = Readout(lenses[0].adapter, precision) if lenses else None
+    device = lenses[0].adapter.W_U.device
+    engine = Readout(lenses[0].adapter, precision)
     tic = time.perf_counter()
     with torch.no_grad():
         for start in starts:
             batch = tokens[start : start + batch_size].to(device)
-            if engine is None:
-                break
             cap = capture(model, batch, points=row_capture_points(read))
             rows = cap.row_stack(read).flatten(1, 2)  # [row, n, d_model]
             reference = Reference.from_logits(cap.logits.flatten(0, 1))
+            kl = torch.full((len(lenses), len(read), batch.numel()), math.nan)
             for i, lens in enumerate(lenses):
                 for k, row in enumerate(read):
                     if covered[i][k]:
                         moved = lens.transform_point(rows[k], row.layer, row.point)
-                        sums[i, k] += engine.kl_nats(moved, reference).double().sum().cpu()
+                        kl[i, k] = engine.kl_nats(moved, reference).float().cpu()
+            yield kl
             if on_progress is not None:
                 done, spent = (start + len(batch)) * tokens.shape[1], time.perf_counter() - tic
                 on_progress(Progress("score", done, tokens.numel(), done / spent, spent))
-    sums[~torch.tensor(covered, dtype=torch.bool).view(len(lenses), n_layers)] = math.nan
-    return sums
 
 
 def layer_kl(

@@ -37,11 +37,16 @@ class TrainConfig:
 
     Each field's ``metadata["help"]`` says what it does (the CLI shows it), and
     ``metadata["choices"]`` lists the allowed values where there is a fixed set. ``lr``
-    None means 1e-3 for adam and 1.0 for sgd. Half model dtypes only on CUDA.
+    None means 1e-3 for adam and 1.0 for sgd; ``data`` None means the plays
+    (``builtin:shakespeare``). Half model dtypes only on CUDA.
     """
 
     model: str = setting(DEFAULT_MODEL, "model name or folder")
-    data: str | None = setting(None, "corpus file, folder or cached dataset (default: Shakespeare)")
+    data: str | None = setting(
+        "builtin:mix",
+        "corpus file, folder, cached dataset or builtin:NAME (builtin:mix: plays, Python "
+        "reference and docstrings in equal shares; builtin:shakespeare: the plays alone)",
+    )
     tokens: int = setting(
         4096, "KL fine-tuning tokens, rounded down to whole steps (0: closed form only)"
     )
@@ -120,7 +125,7 @@ class TrainConfig:
             (isinstance(self.model, str) and self.model.strip() != "", "model must be a name"),
             (
                 self.data is None or (isinstance(self.data, str) and self.data != ""),
-                "data must be None (the default corpus) or a path or dataset name",
+                "data must be None (Shakespeare), builtin:NAME, a path or a dataset name",
             ),
             (s >= 1, "seq_len must be >= 1"),
             (

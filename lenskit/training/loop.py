@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lenskit.data import load_corpus, split_documents, tokenize_corpus
@@ -78,7 +79,7 @@ _BUDGET_RATE = 1000  # KL tokens per second a wall-clock budget tokenizes for
 
 
 def _data(model: Any, config: TrainConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Training pool, validation slice (of the training split) and held-out chunks."""
+    """Training pool, validation chunks (of the training split) and held-out chunks."""
     train, held = split_documents(load_corpus(config.data), config.held_out, seed=config.seed)
     if config.minutes:  # no more than a fast machine trains in the time
         need = config.lstsq_tokens + int(config.minutes * 60 * _BUDGET_RATE) + config.val_tokens
@@ -94,7 +95,12 @@ def _data(model: Any, config: TrainConfig) -> tuple[Tensor, Tensor, Tensor]:
     held_chunks = tokenize_corpus(
         held, model.tokenizer, config.seq_len, max_tokens=config.eval_tokens
     ).tokens
-    return chunks[: len(chunks) - n_val], chunks[len(chunks) - n_val :], held_chunks
+    # Validation chunks drawn at random from the whole stream (any prefix of them too):
+    # a corpus's kinds of text come in sections, so the last chunks would be one kind.
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(config.seed))
+    keep = torch.ones(len(chunks), dtype=torch.bool)
+    keep[order[:n_val]] = False
+    return chunks[keep], chunks[order[:n_val]], held_chunks
 
 
 def _check(adapter: ModelAdapter, config: TrainConfig, dist: Dist) -> None:
@@ -219,7 +225,7 @@ def _finish(run: Phases, held: Tensor, kept: list[int], command: str | None) -> 
             "world_size": run.dist.world,
             "held_out_tokens": 0 if report is None else report.numel(),
             "validation_kl_bits": {
-                k: (v / LN2).tolist()
+                k: (v.mean(-1) / LN2).tolist() if v.dim() == 2 else (v / LN2).tolist()
                 for k, v in (("start", st.start_val), ("tuned", st.tuned_val))
                 if v is not None
             },

@@ -9,6 +9,7 @@ also plans the KL steps) come from :class:`~lenskit.training.clock.RunClock`.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lenskit.data import batch_indices
-from lenskit.evaluation.layer_kl import layer_kl_sums
+from lenskit.evaluation.layer_kl import layer_kl_sums, layer_kl_tokens
 from lenskit.metrics import LN2
 from lenskit.progress import deferred_interrupt
 from lenskit.residual import capture, row_capture_points
@@ -31,7 +32,7 @@ from lenskit.training.rows import (
     translators,
 )
 
-__all__ = ["CLOSED_FORM_SHARE", "REPORT_SHARE", "Phases"]
+__all__ = ["CLOSED_FORM_SHARE", "KEEP_Z", "REPORT_SHARE", "Phases", "clearly_better"]
 
 _PROBE_TOKENS = 128  # tokens of the evaluation and KL step timed at the start of a budget
 
@@ -83,7 +84,7 @@ class Phases(RunClock):
             and (cfg.minutes or self.kl_wanted())
         ):
             tic = time.perf_counter()
-            st.start_val = self.val_kl(val, [self.lens])[0]
+            st.start_val = self.token_kl(val)
             self.eval_spt = self._eval_rate(time.perf_counter() - tic, val.numel())
         self._set_reserve(val, held)
         self.finetune(pool)
@@ -103,7 +104,7 @@ class Phases(RunClock):
         """
         tokens = chunks[:1, : min(chunks.shape[-1], _PROBE_TOKENS)]
         tic = time.perf_counter()
-        self.val_kl(tokens, [self.lens])
+        self.token_kl(tokens)
         return self.agree((time.perf_counter() - tic) / tokens.numel())
 
     def _probe_step(self, pool: Tensor) -> float:
@@ -174,6 +175,24 @@ class Phases(RunClock):
             )
         return self.dist.sum_(sums) / tokens.numel()
 
+    def token_kl(self, tokens: Tensor) -> Tensor:
+        """The lens's KL in nats per layer and token (``[row, token]``), ranks sharing chunks."""
+        n_chunks, length = tokens.shape
+        full = torch.zeros(len(self.rows), n_chunks, length)
+        mine = tokens[self.dist.rank :: self.dist.world]
+        if len(mine):
+            kl = layer_kl_tokens(
+                self.model,
+                [self.lens],
+                mine,
+                progress=self.show,
+                points=self.lens.points,
+                precision=readout_precision(self.config.precision),
+                on_progress=lambda p: self.report("score", p.done, p.total, p.tokens_per_s),
+            )[0]
+            full[:, self.dist.rank :: self.dist.world] = kl.view(len(self.rows), -1, length)
+        return self.dist.sum_(full.flatten(1))
+
     def _step(self, pool: Tensor) -> Tensor:
         """One KL step's gradient; the summed statistics over ranks."""
         cfg, dist, st, lens = self.config, self.dist, self.state, self.lens
@@ -239,15 +258,35 @@ class Phases(RunClock):
         st.timings["kl_seconds"] = st.timings.get("kl_seconds", 0.0) + self.kl_seconds
 
     def keep_better(self, val: Tensor) -> list[int]:
-        """Per layer, put back the start translator where it beats the fine-tuned one."""
+        """Per layer, put back the start translator unless fine-tuning clearly beats it.
+
+        Clearly: the mean per-token gain on the validation tokens exceeds
+        :data:`KEEP_Z` standard errors, so a gain within the noise keeps the start.
+        """
         st = self.state
         if st.start is None or st.start_val is None:
             return []
-        tuned = st.tuned_val = self.val_kl(val, [self.lens])[0]
-        kept = [i for i in range(len(tuned)) if st.start_val[i] < tuned[i]]
+        tuned = st.tuned_val = self.token_kl(val)
+        kept = [i for i in range(len(tuned)) if not clearly_better(st.start_val[i], tuned[i])]
         with torch.no_grad():
             for i in kept:
                 row = self.rows[i]
                 row_translator(self.lens, row).weight.copy_(st.start[state_key(row, "weight")])
                 row_translator(self.lens, row).bias.copy_(st.start[state_key(row, "bias")])
         return kept
+
+
+KEEP_Z = 2.0
+"""Standard errors by which a fine-tuned translator must beat its start on validation."""
+
+
+def clearly_better(start: Tensor, tuned: Tensor) -> bool:
+    """Whether ``tuned``'s per-token KL beats ``start``'s by more than :data:`KEEP_Z` SEs.
+
+    ``start`` and ``tuned`` are one layer's KL per validation token (the same tokens);
+    per-layer means (a checkpoint from before per-token values) are compared as they are.
+    """
+    gain = (start - tuned).double()
+    if gain.dim() == 0 or gain.numel() < 2:
+        return bool(gain.mean() > 0)
+    return bool(gain.mean() > KEEP_Z * gain.std() / math.sqrt(gain.numel()))

@@ -45,8 +45,9 @@ class RunState:
         precision: The KL-step precision in use (``"float32"`` or ``"bfloat16"``).
         lens: Translator weights at the checkpoint.
         start: Translator weights after the closed-form start.
-        start_val: Validation KL (nats) of the start, per layer.
-        tuned_val: Validation KL (nats) of the fine-tuned lens, per layer.
+        start_val: Validation KL (nats) of the start, per layer and token (``[layer,
+            token]``; earlier checkpoints hold per-layer means).
+        tuned_val: Validation KL (nats) of the fine-tuned lens, per layer and token.
         scales: Per-layer input and output RMS that set the step sizes.
         optimizer: The optimizer's state.
         rng: Torch's CPU random state.
