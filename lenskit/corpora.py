@@ -124,9 +124,9 @@ def _sections(text: str, size: int) -> list[str]:
 def mixed_corpus() -> Corpus:
     """Plays, reference and docstrings, each cut into sections, in equal shares.
 
-    Each kind's sections are shuffled (seed 0) and taken until its characters reach the
-    smallest kind's total; the kinds are then interleaved, each next section coming from
-    the kind with the fewest characters so far.
+    Each kind's sections are shuffled (``random.Random(i)`` for the i-th kind) and taken
+    until its characters reach the smallest kind's total; the kinds are then interleaved,
+    each next section coming from the kind with the fewest characters so far.
     """
     plays = split_documents(default_corpus(), 0.1, seed=0)[0]
     kinds = []

@@ -144,9 +144,9 @@ def load_corpus(
     """
     if source is None:
         return default_corpus()
-    if isinstance(source, str) and source.startswith("builtin:"):
-        from lenskit.corpora import builtin_corpus  # it builds on this module
+    from lenskit.corpora import builtin_corpus, is_builtin  # it builds on this module
 
+    if is_builtin(source):
         return builtin_corpus(source)
     path, name = Path(source), str(source)
     if path.is_dir():
