@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ from lenskit.errors import LenskitError
 from lenskit.lenses.base import Lens, point_rows, row_blocks
 from lenskit.metrics import LN2, Reference
 from lenskit.models import Row
-from lenskit.readout import MATMUL_ROWS, Readout, head_ids, logit_stats
+from lenskit.readout import MATMUL_ROWS, Readout, RowStats, head_ids, logit_stats
 from lenskit.residual import capture, row_capture_points, token_texts, tokenize
 from lenskit.trajectory_result import Trajectory
 
@@ -154,9 +155,18 @@ class TrajectoryBuilder:
             reference,
             self.ids[window],
             top_k=self.top_k,
-            rank_columns=0 if self.target is None else 1,
+            rank_columns=self.rank_columns,
             candidates=candidates,
         )
+        self.add_stats(row, stats, window)
+
+    @property
+    def rank_columns(self) -> int:
+        """How many columns of :attr:`ids` to rank: the target's, if there is one."""
+        return 0 if self.target is None else 1
+
+    def add_stats(self, row: int, stats: RowStats, window: slice) -> None:
+        """Store one row's statistics at positions ``window``."""
         self.entropy[row, window] = stats.entropy.cpu()
         self.kl[row, window] = stats.kl.cpu()
         self.ce[row, window] = -stats.id_log_probs[:, 0].cpu() / LN2
@@ -316,13 +326,23 @@ def trajectory(
             del final
             # A few rows per readout, so each matmul streams W_U once for many cells.
             for block in row_blocks(todo, n_pos, MATMUL_ROWS):
-                moved = builder.translate(hidden[block, window], block)
-                exact = head.expand(len(block), *head.shape)
-                read = engine.read(moved, exact, scratch=0)  # used before the next block
+                moved = builder.translate(hidden[block, window], block)  # [row, pos, d]
+                stats = engine.read_stats(
+                    moved,
+                    reference,
+                    builder.ids[window],
+                    top_k=builder.top_k,
+                    rank_columns=builder.rank_columns,
+                    head=head,
+                )
                 for j, row in enumerate(block):
-                    cand = None if read.candidates is None else read.candidates[j]
-                    builder.add(row, read.logits[j], reference, window, cand)
+                    builder.add_stats(row, _row(stats, j), window)
                 done += len(block) * n_pos
                 if on_progress is not None:
                     on_progress(done, total)
     return builder.finish(prompt)
+
+
+def _row(stats: RowStats, j: int) -> RowStats:
+    """Row ``j`` of statistics shaped ``[row, pos, ...]``."""
+    return RowStats(*(getattr(stats, f.name)[j] for f in dataclasses.fields(RowStats)))

@@ -41,6 +41,7 @@ AXES: dict[str, str] = {
     "cell": "cells read in one block, flattened (positions, or layer/chunk x position)",
     "target": "target token ids asked about",
     "lens": "lenses read side by side",
+    "group": "rows (layers, lenses) read at the same cells, sharing their reference",
     "head": "a row's most likely tokens, read exactly by a low-precision readout",
     "cand": "candidate tokens known to hold a row's top-k (a readout's head)",
 }

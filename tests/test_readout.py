@@ -361,3 +361,112 @@ def test_a_bf16_readout_leaves_other_threads_float32_matmuls_exact(tiny_llama):
         stop.set()
         worker.join(10)
     assert not bad
+
+
+FIELDS = ("top_ids", "top_probs", "entropy", "kl", "id_log_probs", "id_ranks")
+
+
+def test_statistics_of_rounded_logits_with_an_exact_head_equal_those_of_the_patched_copy():
+    gen = torch.Generator().manual_seed(11)
+    exact = torch.randn(37, 3000, generator=gen) * 4
+    rounded = exact.bfloat16()
+    ref = Reference.from_logits(torch.randn(37, 3000, generator=gen) * 4)
+    ids = torch.randint(0, 3000, (37, 2), generator=gen)
+    extra = torch.randint(0, 3000, (37, 3), generator=gen)
+    seen = []
+
+    def exact_head(rows, chunk):
+        seen.append(chunk.dtype)
+        own = readout.top_k(chunk, 8)[1]
+        head = torch.cat([own, extra[rows]], 1)
+        return own, head, exact[rows].gather(1, head)
+
+    fused = readout.logit_stats(
+        rounded, ref, ids, top_k=5, rank_columns=1, chunk=8, exact_head=exact_head
+    )
+    own = readout.top_k(rounded.float(), 8)[1]
+    head = torch.cat([own, extra], 1)
+    patched = rounded.float().scatter(1, head, exact.gather(1, head))
+    plain = readout.logit_stats(patched, ref, ids, top_k=5, rank_columns=1, candidates=own)
+    assert set(seen) == {torch.float32}  # the rounded logits reach the head as float32
+    assert torch.equal(fused.top_ids, plain.top_ids)
+    assert torch.equal(fused.id_ranks, plain.id_ranks)
+    for name in ("top_probs", "entropy", "kl", "id_log_probs"):
+        assert torch.allclose(getattr(fused, name), getattr(plain, name), atol=2e-5), name
+
+
+def test_rows_cycling_through_a_reference_equal_the_reference_repeated():
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(3 * 24, 500, generator=gen) * 3
+    ref = Reference.from_logits(torch.randn(24, 500, generator=gen) * 3)
+    ids = torch.randint(0, 500, (72, 1), generator=gen)
+    repeated = Reference(ref.probs.repeat(3, 1), ref.neg_entropy.repeat(3))
+    a = readout.logit_stats(logits, ref, ids, top_k=3)
+    b = readout.logit_stats(logits, repeated, ids, top_k=3)
+    for name in FIELDS:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    with pytest.raises(ValueError, match="do not cycle"):
+        readout.logit_stats(logits[:50], ref, ids[:50], top_k=3)
+
+
+@pytest.mark.parametrize("precision_name", ["exact", "bf16"])
+def test_read_stats_of_groups_equal_reading_each_group_alone(tiny_model, precision_name):
+    """Groups read together (cells of many groups per matmul) = each group on its own."""
+    adapter = lenskit.ModelAdapter(tiny_model)
+    engine = readout.Readout(adapter, precision_name)
+    gen = torch.Generator().manual_seed(13)
+    h = torch.randn(5, 3, 41, tiny_model.cfg.d_model, generator=gen)  # [*group, cell, d]
+    ref = engine.reference(torch.randn(41, tiny_model.cfg.d_model, generator=gen))
+    ids = torch.randint(0, adapter.d_vocab, (41, 2), generator=gen)
+    done = []
+    stats = engine.read_stats(h, ref, ids, top_k=4, rank_columns=1, progress=done.append)
+    assert stats.kl.shape == (5, 3, 41) and stats.top_ids.shape == (5, 3, 41, 4)
+    assert done[-1] == 1.0 and done == sorted(done)
+    for i in range(5):
+        for j in range(3):
+            alone = engine.read_stats(h[i, j], ref, ids, top_k=4, rank_columns=1)
+            assert torch.equal(stats.top_ids[i, j], alone.top_ids)
+            for name in ("top_probs", "entropy", "kl", "id_log_probs"):
+                got = getattr(stats, name)[i, j]
+                assert torch.allclose(got, getattr(alone, name), atol=1e-5), name
+
+
+def test_read_stats_without_a_float32_copy_equal_the_read_logits_statistics(tiny_model):
+    """bf16: statistics read from the rounded block = those of the float32 logits read."""
+    adapter = lenskit.ModelAdapter(tiny_model)
+    engine = readout.Readout(adapter, "bf16")
+    gen = torch.Generator().manual_seed(14)
+    h = torch.randn(40, tiny_model.cfg.d_model, generator=gen)
+    ref = engine.reference(torch.randn(40, tiny_model.cfg.d_model, generator=gen))
+    ids = torch.randint(0, adapter.d_vocab, (40, 2), generator=gen)
+    head = readout.head_ids(ref.probs)
+    fused = engine.read_stats(h, ref, ids, top_k=3, rank_columns=1, head=head)
+    logits, cand = engine.read(h, head)
+    plain = readout.logit_stats(logits, ref, ids, top_k=3, rank_columns=1, candidates=cand)
+    assert torch.equal(fused.top_ids, plain.top_ids)
+    assert (fused.id_ranks - plain.id_ranks).abs().max() <= 1  # ties in the rounded tail
+    for name in ("top_probs", "entropy", "kl", "id_log_probs"):
+        assert torch.allclose(getattr(fused, name), getattr(plain, name), atol=2e-5), name
+
+
+def test_read_stats_under_an_output_transform_equal_the_read_logits_statistics(
+    tiny_llama, monkeypatch
+):
+    """A soft cap (or a bias) needs the float32 logits: read_stats reads them then."""
+    bridge_adapter = tiny_llama.adapter
+    monkeypatch.setattr(
+        bridge_adapter, "apply_output_logits_transform", lambda z: 2.0 * torch.tanh(z / 2.0)
+    )
+    engine = readout.Readout(lenskit.ModelAdapter(tiny_llama), "bf16")
+    gen = torch.Generator().manual_seed(15)
+    h = torch.randn(20, tiny_llama.cfg.d_model, generator=gen)
+    ref = engine.reference(torch.randn(20, tiny_llama.cfg.d_model, generator=gen))
+    ids = torch.randint(0, 257, (20, 1), generator=gen)
+    fused = engine.read_stats(h, ref, ids, top_k=2)
+    logits, cand = engine.read(h, readout.head_ids(ref.probs))
+    assert logits.abs().max() <= 2.0  # the cap was applied
+    plain = readout.logit_stats(logits, ref, ids, top_k=2, candidates=cand)
+    for name in FIELDS:
+        assert torch.allclose(
+            getattr(fused, name).double(), getattr(plain, name).double(), atol=1e-6
+        ), name

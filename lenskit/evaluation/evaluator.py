@@ -108,10 +108,10 @@ def _named_lenses(
     return named
 
 
-def _row_values(stats: RowStats, model_top: Int[Tensor, " cell"]) -> Float[Tensor, "4 cell"]:
+def _row_values(stats: RowStats, model_top: Int[Tensor, " cell"]) -> Float[Tensor, "4 *group cell"]:
     """Per position: KL, cross-entropy and entropy (bits), and top-1 agreement (0/1)."""
-    agree = (stats.top_ids[:, 0] == model_top).to(stats.kl.dtype)
-    ce = -stats.id_log_probs[:, 0] / LN2
+    agree = (stats.top_ids[..., 0] == model_top).to(stats.kl.dtype)
+    ce = -stats.id_log_probs[..., 0] / LN2
     return torch.stack([stats.kl, ce, stats.entropy, agree]).double()
 
 
@@ -344,12 +344,14 @@ def _batch_sums(
         entropy of the model's output) and ``transfer`` [tuned, translator, layer, chunk].
     """
     n_chunks, n_pos = batch.shape[0], batch.shape[1] - 1
-    cap = capture(model, batch, points=("resid_pre", *row_capture_points(read)))
+    # p is read from the final residual (as every lens row is) in float32: the same
+    # logits as the model's own, without a copy of a [chunk, pos, d_vocab] tensor
+    cap = capture(model, batch, points=("resid_pre", *row_capture_points(read)), logits=False)
     rows = cap.row_stack(read)[:, :, :-1].flatten(1, 2)  # [row, n, d_model]
     n_layers, device = cap.stack("resid_pre").shape[0], rows.device
     blocks_only = all(r.point == "resid_pre" for r in read)
     pre = rows if blocks_only or not tuned else cap.stack("resid_pre")[:, :, :-1].flatten(1, 2)
-    final = cap.logits[:, :-1].flatten(0, 1)
+    final = cap.final[:, :-1].flatten(0, 1)  # [n, d_model]
     ids = batch[:, 1:].reshape(-1, 1)
     owner = torch.arange(rows.shape[1], device=device) // n_pos  # chunk of each row
     lens_sums = torch.zeros(
@@ -362,21 +364,35 @@ def _batch_sums(
     n_rows = rows.shape[1]
     for lo in range(0, n_rows, MATMUL_ROWS):
         part = slice(lo, lo + MATMUL_ROWS)
-        own_logits = final[part].to(STATS_DTYPE)
+        own_logits = engine.reference_logits(final[part]).to(STATS_DTYPE)
         reference = Reference.from_logits(own_logits)
         head = head_ids(reference.probs)
         own = logit_stats(own_logits, reference, ids[part], top_k=1)
         model_top = own.top_ids[:, 0]
         values = torch.stack([-own.id_log_probs[:, 0] / LN2, own.entropy]).double()
         model_sums.index_add_(1, owner[part], values)
-        for i, lens in enumerate(lenses):
-            for k, row in enumerate(read):
-                if covered[i][k]:
-                    moved = lens.transform_point(rows[k, part], row.layer, row.point)
-                    logits, cand = engine.read(moved, head, scratch=0)
-                    stats = engine.stats(logits, reference, ids[part], top_k=1, candidates=cand)
-                    lens_sums[i, k].index_add_(1, owner[part], _row_values(stats, model_top))
-            tick((lo + (i + 1) / len(lenses) * own_logits.shape[0]) / n_rows)
+        pairs = [(i, k) for i in range(len(lenses)) for k in range(len(read)) if covered[i][k]]
+        if pairs:
+            # every lens at every row, read together: they share p at these positions
+            moved = torch.stack(
+                [
+                    lenses[i].transform_point(rows[k, part], read[k].layer, read[k].point)
+                    for i, k in pairs
+                ]
+            )  # [pair, cell, d_model]
+            n_part = moved.shape[1]
+            stats = engine.read_stats(
+                moved,
+                reference,
+                ids[part],
+                top_k=1,
+                head=head,
+                progress=lambda f, lo=lo, n=n_part: tick((lo + f * n) / n_rows),
+            )
+            values = _row_values(stats, model_top)  # [metric, pair, cell]
+            for j, (i, k) in enumerate(pairs):
+                lens_sums[i, k].index_add_(1, owner[part], values[:, j])
+        tick(min(lo + MATMUL_ROWS, n_rows) / n_rows)
         for t, lens in enumerate(tuned):
             for src in range(n_layers):
                 for layer in range(n_layers):

@@ -16,7 +16,8 @@ Precision (``precision=`` or the ``LENSKIT_PRECISION`` environment variable; see
   reference's :data:`REFERENCE_HEAD`) is then recomputed in float32, so top-k,
   log-sum-exp, entropy and KL are exact where the probability lies and only the tail
   carries the rounding (on CPUs the matmul's output is rounded to bf16 as well).
-  Statistics are float32 as in exact mode.
+  Statistics are float32 as in exact mode; :meth:`Readout.read_stats` takes them from
+  the rounded block a chunk at a time, with no float32 copy of the block.
 - ``"auto"`` (default): a one-off micro-benchmark per device (:func:`matmul_rates`,
   cached in memory and in lenskit's cache folder) picks ``"bf16"`` where it is at least
   :data:`SPEEDUP_NEEDED` times faster than float32, else ``"exact"``.

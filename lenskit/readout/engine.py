@@ -4,13 +4,16 @@
 block of rows per matmul, in the precision chosen (:mod:`lenskit.readout.precision`).
 Where the low-precision matmul rounds its output (CPUs), each row's most likely tokens
 are read again exactly (see :meth:`Readout.unembed`). The ``[rows, d_vocab]`` outputs of
-a block can go into per-thread buffers that are reused (``scratch=``): a fresh 100 MB
-tensor per block costs as much in page faults as a third of its matmul.
+a block can go into per-thread buffers that are reused (``scratch=``,
+:mod:`lenskit.readout.scratch`). :meth:`Readout.read_stats` goes straight from residuals
+to statistics: the rounded block is read once, a cache-sized chunk at a time, with each
+chunk's head made exact on the way, and many rows that share a reference are read
+together so that the reference stays in the CPU cache.
 """
 
 from __future__ import annotations
 
-import threading
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,14 +23,16 @@ from torch import Tensor
 
 from lenskit.metrics import Reference
 from lenskit.readout.precision import LOWP, lowp_mm, resolve_precision
+from lenskit.readout.scratch import MATMUL_ROWS, scratch_buffer
 from lenskit.readout.stats import (
     STATS_ROWS,
     RowStats,
-    concat_stats,
     kl_block,
     logit_stats,
     top_k,
 )
+
+_top_k = top_k  # read_stats's keyword argument top_k hides the function
 
 __all__ = [
     "EXACT_HEAD",
@@ -39,8 +44,6 @@ __all__ = [
     "scratch_buffer",
 ]
 
-MATMUL_ROWS = 512
-"""Rows per unembedding matmul: enough to run near peak; 512 x 49k float32 logits are 100 MB."""
 EXACT_HEAD = 16
 """Tokens per row whose logits a rounded-output matmul has recomputed exactly in float32."""
 REFERENCE_HEAD = 8
@@ -62,38 +65,6 @@ class ReadLogits(NamedTuple):
     candidates: Int[Tensor, "*cell head"] | None
 
 
-class _Scratch(threading.local):
-    """Per-thread output buffers, by (slot, dtype, device); each ``MATMUL_ROWS`` rows."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[int, torch.dtype, str], Tensor] = {}
-
-    def get(
-        self, slot: int, rows: int, vocab: int, dtype: torch.dtype, device: torch.device
-    ) -> Tensor:
-        key = (slot, dtype, str(device))
-        buf = self.buffers.get(key)
-        if buf is None or buf.shape[1] != vocab or buf.shape[0] < rows:
-            buf = self.buffers[key] = torch.empty(
-                max(rows, MATMUL_ROWS), vocab, dtype=dtype, device=device
-            )
-        return buf[:rows]
-
-
-_SCRATCH = _Scratch()
-
-
-def scratch_buffer(
-    slot: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """This thread's reusable ``[rows, cols]`` buffer number ``slot``, valid until its next use.
-
-    Slots 0 and 1 are the readout's (``scratch=``), 3 its exact head's; training's KL
-    step uses slot 2.
-    """
-    return _SCRATCH.get(slot, rows, cols, dtype, device)
-
-
 class Readout:
     """Final norm and unembedding of one model, and the fused statistics of its logits.
 
@@ -108,6 +79,7 @@ class Readout:
         self.device = adapter.W_U.device
         self.precision = resolve_precision(precision, self.device)
         self.dtype = LOWP.get(self.precision, torch.float32)
+        self._plain: bool | None = None
 
     def __repr__(self) -> str:
         return f"Readout(model={self.adapter.name!r}, precision={self.precision!r})"
@@ -123,6 +95,19 @@ class Readout:
                 found = cache[key] = (w._version, make())
         return found[1]
 
+    def _head_logits(
+        self, x: Float[Tensor, "cell d_model"], ids: Int[Tensor, "cell head"], bias: bool = True
+    ) -> Float[Tensor, "cell head"]:
+        """Float32 logits ``x @ W_U[:, ids] + b_U[ids]`` of a few tokens per row."""
+        wt = self._cached("transposed", lambda: self.adapter.W_U.detach().float().T.contiguous())
+        # index_select into a reused buffer and a product-sum: 4x and 2x faster than
+        # wt[ids] and bmm, and no page faults on a fresh 28 MB tensor per block
+        flat = ids.reshape(-1)
+        out = self._out(3, flat.shape[0], torch.float32, wt.shape[1])
+        rows = torch.index_select(wt, 0, flat, out=out) if out is not None else wt[flat]
+        head = rows.view(*ids.shape, -1).mul_(x.float().unsqueeze(1)).sum(-1)
+        return head + self.adapter.b_U.detach().float()[ids] if bias else head
+
     def _exact_head(
         self, x: Tensor, z: Tensor, exact: Int[Tensor, "cell head"] | None
     ) -> tuple[Tensor, Tensor]:
@@ -137,22 +122,14 @@ class Readout:
         own = ids = top_k(z, min(EXACT_HEAD, z.shape[-1]))[1]
         if exact is not None:
             ids = torch.cat([ids, exact.to(ids.device)], 1)
-        wt = self._cached("transposed", lambda: self.adapter.W_U.detach().float().T.contiguous())
-        b = self.adapter.b_U.detach().float()
-        # index_select into a reused buffer and a product-sum: 4x and 2x faster than
-        # wt[ids] and bmm, and no page faults on a fresh 28 MB tensor per block
-        flat = ids.reshape(-1)
-        out = self._out(3, flat.shape[0], torch.float32, wt.shape[1])
-        rows = torch.index_select(wt, 0, flat, out=out) if out is not None else wt[flat]
-        head = rows.view(*ids.shape, -1).mul_(x.unsqueeze(1)).sum(-1) + b[ids]  # [cell, head]
-        return z.scatter_(1, ids, head), own
+        return z.scatter_(1, ids, self._head_logits(x, ids)), own
 
     def _out(
         self, slot: int | None, rows: int, dtype: torch.dtype, cols: int | None = None
     ) -> Tensor | None:
         if slot is None or self.device.type != "cpu":  # CUDA's allocator caches already
             return None
-        return _SCRATCH.get(slot, rows, cols or self.adapter.d_vocab, dtype, self.device)
+        return scratch_buffer(slot, rows, cols or self.adapter.d_vocab, dtype, self.device)
 
     def unembed(
         self,
@@ -284,26 +261,131 @@ class Readout:
 
     def read_stats(
         self,
-        h: Float[Tensor, "cell d_model"],
+        h: Float[Tensor, "*group cell d_model"],
         reference: Reference | None,
         ids: Int[Tensor, "cell target"],
         *,
         top_k: int,
         rank_columns: int = 0,
+        head: Int[Tensor, "cell head"] | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> RowStats:
-        """Read residual rows and take their statistics, one matmul block at a time."""
-        parts = []
-        for i in range(0, h.shape[0], MATMUL_ROWS):
-            part = slice(i, i + MATMUL_ROWS)
-            ref = None if reference is None else _ref_slice(reference, part)
-            head = None if ref is None else head_ids(ref.probs)
-            logits, cand = self.read(h[part], head, scratch=0)
-            parts.append(
-                self.stats(
-                    logits, ref, ids[part], top_k=top_k, rank_columns=rank_columns, candidates=cand
+        """Read residual rows and take their statistics, without keeping their logits.
+
+        ``h`` may hold groups of rows (several layers or lenses) at the same cells: all
+        share the ``reference``, ``ids`` and ``head`` of those cells. Each matmul block
+        takes a few cells of many groups, so that the reference rows those cells need
+        stay in the CPU cache while every group is compared with them. In a low
+        precision, the rounded logits are read once by the statistics with their exact
+        head written over them (:func:`~lenskit.readout.logit_stats`'s ``exact_head``), with
+        no float32 copy of the block.
+
+        Args:
+            h: Residual rows, ``[*group, cell, d_model]``.
+            reference: The model's distribution at the cells (None: KL is NaN).
+            ids: Token ids per cell whose log-probabilities (and ranks) to report.
+            top_k: How many top tokens to keep.
+            rank_columns: Rank only the last ``rank_columns`` columns of ``ids``.
+            head: Token ids per cell to read exactly in a low precision; default the
+                reference's :data:`REFERENCE_HEAD` most likely.
+            progress: Called with the fraction done after each matmul block.
+
+        Returns:
+            Statistics shaped ``[*group, cell, ...]``.
+        """
+        lead, d = h.shape[:-2], h.shape[-1]
+        n_cells = h.shape[-2]
+        rows = h.reshape(-1, n_cells, d)  # [group, cell, d_model]
+        n_groups = rows.shape[0]
+        if head is None and reference is not None:
+            head = head_ids(reference.probs)
+        # cells per block: a multiple of STATS_ROWS, so that groups x cells fill a matmul
+        per_block = max(STATS_ROWS, MATMUL_ROWS // max(1, n_groups) // STATS_ROWS * STATS_ROWS)
+        per_block = min(per_block, max(1, n_cells))
+        groups_per_block = max(1, MATMUL_ROWS // per_block)
+        out: list[Tensor] | None = None
+        done, total = 0, n_groups * n_cells
+        for c0 in range(0, n_cells, per_block):
+            cells = slice(c0, c0 + per_block)
+            ref = None if reference is None else _ref_slice(reference, cells)
+            n = rows[:, cells].shape[1]
+            for g0 in range(0, n_groups, groups_per_block):
+                block = rows[g0 : g0 + groups_per_block, cells]  # [g, cell, d_model]
+                g = block.shape[0]
+                stats = self._block_stats(
+                    block.reshape(g * n, d),
+                    ref,
+                    ids[cells].repeat(g, 1),
+                    None if head is None else head[cells].repeat(g, 1),
+                    top_k=top_k,
+                    rank_columns=rank_columns,
                 )
+                fields = [getattr(stats, f.name) for f in dataclasses.fields(RowStats)]
+                if out is None:
+                    out = [f.new_empty(n_groups, n_cells, *f.shape[1:]) for f in fields]
+                for dst, src in zip(out, fields, strict=True):
+                    dst[g0 : g0 + g, cells] = src.view(g, n, *src.shape[1:])
+                done += g * n
+                if progress is not None:
+                    progress(done / total)
+        if out is None:  # no cells or no groups
+            empty = logit_stats(h.new_zeros(0, self.adapter.d_vocab), None, ids[:0], top_k=top_k)
+            out = [getattr(empty, f.name) for f in dataclasses.fields(RowStats)]
+            return RowStats(*(f.reshape(*lead, n_cells, *f.shape[1:]) for f in out))
+        return RowStats(*(f.reshape(*lead, *f.shape[1:]) for f in out))
+
+    def _block_stats(
+        self,
+        h: Float[Tensor, "cell d_model"],
+        reference: Reference | None,
+        ids: Int[Tensor, "cell target"],
+        head: Int[Tensor, "cell head"] | None,
+        *,
+        top_k: int,
+        rank_columns: int,
+    ) -> RowStats:
+        """Statistics of at most :data:`MATMUL_ROWS` rows; ``reference`` may cycle."""
+        with torch.no_grad():
+            x = self.adapter.final_norm(h)
+            if self.precision == "exact" or not self._plain_output():
+                logits, cand = self.unembed(x, head, scratch=0)
+                return logit_stats(
+                    logits,
+                    reference,
+                    ids,
+                    top_k=top_k,
+                    rank_columns=rank_columns,
+                    candidates=cand,
+                )
+            w_low = self._cached(
+                self.precision, lambda: self.adapter.W_U.detach().to(self.dtype).contiguous()
             )
-        return concat_stats(parts)
+            z = lowp_mm(x.float(), w_low, self.dtype, out=self._out(0, x.shape[0], self.dtype))
+            n_own = min(max(EXACT_HEAD, top_k), z.shape[-1])  # holds the top-k asked
+
+            def exact_head(rows: slice, zc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                # the chunk's own head found in its float32 copy, in the CPU cache
+                own = ids = _top_k(zc, n_own)[1]
+                if head is not None:
+                    ids = torch.cat([own, head[rows].to(own.device)], 1)
+                return own, ids, self._head_logits(x[rows], ids, bias=False)
+
+            return logit_stats(
+                z,
+                reference,
+                ids,
+                top_k=top_k,
+                rank_columns=rank_columns,
+                exact_head=exact_head,
+            )
+
+    def _plain_output(self) -> bool:
+        """Whether the logits are ``x @ W_U`` as they are: no bias, no output transform."""
+        if self._plain is None:
+            probe = torch.zeros(1, 2, device=self.device)
+            transform = self.adapter.model.adapter.apply_output_logits_transform
+            self._plain = transform(probe) is probe and not bool(self.adapter.b_U.detach().any())
+        return self._plain
 
     def kl_nats(
         self, h: Float[Tensor, "cell d_model"], reference: Reference
