@@ -244,21 +244,6 @@ class Readout:
         """The model's output distribution ``p`` from its final residual, for KL."""
         return Reference.from_logits(self.reference_logits(h_final))
 
-    def stats(
-        self,
-        logits: Float[Tensor, "cell d_vocab"],
-        reference: Reference | None,
-        ids: Int[Tensor, "cell target"],
-        *,
-        top_k: int,
-        rank_columns: int = 0,
-        candidates: Int[Tensor, "cell head"] | None = None,
-    ) -> RowStats:
-        """:func:`~lenskit.readout.logit_stats` of logits already read (see :meth:`read`)."""
-        return logit_stats(
-            logits, reference, ids, top_k=top_k, rank_columns=rank_columns, candidates=candidates
-        )
-
     def read_stats(
         self,
         h: Float[Tensor, "*group cell d_model"],
