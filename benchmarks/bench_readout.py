@@ -11,7 +11,8 @@ average (a busy machine makes every figure slower; run it on a quiet one):
   over the prompt, which every trajectory pays before its readout;
 - ``compare`` of 4 lenses vs one trajectory (target: within 2x);
 - ``evaluate`` of logit + tuned lens: tokens/s vs the readout floor for the lenses and
-  rows asked (target: >= 50% of the floor's rate);
+  rows asked (target: >= 50% of the floor's rate), with the compiled statistics pass
+  (after its one-off compile, timed) and with the eager passes;
 - ``lenskit --help``, a bad-input error and a warm ``lenskit trajectory``, end to end.
 
 Run: ``python benchmarks/bench_readout.py [--smoke] [--precision auto]`` (a few minutes;
@@ -123,11 +124,31 @@ def bench_trajectory(model, repeats: int, precision: str | None, n_tokens: int) 
     }
 
 
+def _compile_seconds(model) -> float:
+    """Seconds to compile the statistics kernel in this process (inductor's disk cache warm)."""
+    from lenskit.metrics import Reference
+    from lenskit.readout import fused
+
+    vocab = model.cfg.d_vocab
+    z = torch.randn(4, vocab) * 4
+    ref = Reference.from_logits(torch.randn(2, vocab))
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    tic = time.perf_counter()
+    fused.fused_stats(z.bfloat16(), ref, ids, None, lambda at: z.gather(1, at), top_k=1, own=16)
+    return time.perf_counter() - tic
+
+
 def bench_eval(model, tokens: int, precision: str | None, repeats: int = 3) -> dict:
+    """Evaluation tokens/s against the floor, with the compiled statistics pass and without.
+
+    Each repeat times the floor, then one evaluation with the compiled pass and one with
+    the eager passes (``LENSKIT_COMPILE=0``), so both see the same host speed.
+    """
     import lenskit
     from lenskit.evaluation import evaluate
     from lenskit.lenses.tuned import TunedLens
     from lenskit.readout import MATMUL_ROWS, Readout
+    from lenskit.readout.fused import COMPILE_ENV
     from lenskit.readout.precision import LOWP
 
     lenses = {"logit": lenskit.get_lens("logit", model), "tuned": TunedLens.untrained(model)}
@@ -136,31 +157,37 @@ def bench_eval(model, tokens: int, precision: str | None, repeats: int = 3) -> d
     x = torch.randn(MATMUL_ROWS, model.cfg.d_model, dtype=dtype)
     w = engine.adapter.W_U.detach().to(dtype).contiguous()
     rows = 2 * model.cfg.n_layers + 1  # both lenses at every block input, and the output
-    runs, floors = [], []
+    compile_s = _compile_seconds(model)
+
+    def run() -> float:
+        result = evaluate(
+            model, lenses, None, tokens=tokens, seq_len=128, progress=False, precision=precision
+        )
+        return result.tokens / result.seconds
+
+    run()  # warm up
+    compiled, eager, floors = [], [], []
     for _ in range(repeats):  # the floor timed beside each run: the host's speed drifts
         floors.append(_median(_blocked_mm(x, w), 9) / MATMUL_ROWS)
-        runs.append(
-            evaluate(
-                model,
-                lenses,
-                None,
-                tokens=tokens,
-                seq_len=128,
-                progress=False,
-                precision=precision,
-            )
-        )
-    seconds = statistics.median(r.seconds for r in runs)
+        compiled.append(run())
+        os.environ[COMPILE_ENV] = "0"
+        try:
+            eager.append(run())
+        finally:
+            del os.environ[COMPILE_ENV]
     floor_rate = 1.0 / (statistics.median(floors) * rows)
-    rate = runs[0].tokens / seconds
+    rate, eager_rate = statistics.median(compiled), statistics.median(eager)
     return {
         "precision": engine.precision,
-        "tokens": runs[0].tokens,
+        "tokens": tokens,
         "repeats": repeats,
-        "seconds": seconds,
+        "compile_seconds": compile_s,
         "tokens_per_s": rate,
+        "eager_tokens_per_s": eager_rate,
         "floor_tokens_per_s": floor_rate,
         "share_of_floor": rate / floor_rate,
+        "eager_share_of_floor": eager_rate / floor_rate,
+        "runs_tokens_per_s": {"compiled": compiled, "eager": eager},
     }
 
 

@@ -120,25 +120,28 @@ class Reference:
     neg_entropy: Float[Tensor, " cell"]
 
     @classmethod
-    def from_logits(cls, logits: Float[Tensor, "cell d_vocab"]) -> Reference:
+    def from_logits(
+        cls, logits: Float[Tensor, "cell d_vocab"], out: Tensor | None = None
+    ) -> Reference:
         """Prepare ``p`` from the model's final logits (float32 or better).
 
         Outside autograd, a few rows at a time into ``p`` itself (see
-        :func:`_softmax_and_neg_entropy`); with gradients, the plain definition.
+        :func:`_softmax_and_neg_entropy`), or into ``out`` (a reused buffer shaped as
+        the logits); with gradients, the plain definition.
         """
         z = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if torch.is_grad_enabled() and z.requires_grad:
             lp = log_probs(z)
             p = lp.exp()
             return cls(probs=p, neg_entropy=(p * lp).sum(-1))
-        probs, neg_entropy = _softmax_and_neg_entropy(z)
+        probs, neg_entropy = _softmax_and_neg_entropy(z, out)
         return cls(probs=probs, neg_entropy=neg_entropy)
 
 
 _ROWS = 16  # rows per pass of _softmax_and_neg_entropy: 3 MB of float32 stay in cache
 
 
-def _softmax_and_neg_entropy(z: Tensor) -> tuple[Tensor, Tensor]:
+def _softmax_and_neg_entropy(z: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``softmax(z)`` and ``sum p log p`` (nats) per row, in base 2 and in place.
 
     With ``y = (z - max z) log2(e)`` and ``L = log2 sum 2^y``: ``p = 2^y / 2^L`` and
@@ -146,7 +149,9 @@ def _softmax_and_neg_entropy(z: Tensor) -> tuple[Tensor, Tensor]:
     reused buffer, so no [rows, d_vocab] temporary is made.
     """
     n = z.shape[0]
-    probs = torch.empty_like(z)
+    if out is not None and out.shape != z.shape:
+        raise ValueError(f"out is shaped {tuple(out.shape)}, the logits {tuple(z.shape)}")
+    probs = torch.empty_like(z) if out is None else out
     neg_entropy = z.new_empty(n)
     work = z.new_empty(min(_ROWS, max(1, n)), z.shape[-1])
     for i in range(0, n, _ROWS):

@@ -59,7 +59,9 @@ from lenskit.readout import (
     logit_stats,
     matmul_rates,
     resolve_precision,
+    scratch_buffer,
 )
+from lenskit.readout.fused import worth_compiling
 from lenskit.residual import capture, row_capture_points
 
 __all__ = ["EvalResult", "eval_chunks", "evaluate", "expected_seconds"]
@@ -213,6 +215,10 @@ def evaluate(
     chunks = eval_chunks(model, data, tokens=tokens, seq_len=seq_len, seed=seed, held_out=held_out)
     adapter = ModelAdapter(model)
     engine = Readout(adapter, precision)
+    # the compiled statistics pass, where this evaluation is long enough to repay it
+    compiled = worth_compiling(
+        expected_seconds(model, lens_list, chunks.n_tokens, precision=precision, points=points)
+    )
     seq_len = chunks.seq_len
     covered = [[lens.covers_point(r.layer, r.point) for r in rows[:-1]] for lens in lens_list]
     run = _Run(named, covered, tuned if transfer else [], adapter, chunks, seed, rows)
@@ -250,6 +256,7 @@ def evaluate(
                 batch,
                 lambda f, first=first, size=size: tick(first + f * size),
                 rows[:-1],
+                compiled,
             )
             run.add(sums, len(batch))
             bar.update(batch.numel())
@@ -336,8 +343,12 @@ def _batch_sums(
     batch: Int[Tensor, "chunk pos"],
     tick: Callable[[float], None],
     read: Sequence[Row],
+    compiled: bool,
 ) -> dict[str, Tensor]:
     """Per-chunk means of one batch's scored positions; ``tick(fraction)`` as it goes.
+
+    ``compiled``: whether the statistics may use the compiled pass (see
+    :meth:`~lenskit.readout.Readout.read_stats`).
 
     Returns:
         ``lens`` [lens, layer, metric, chunk], ``model`` [2, chunk] (cross-entropy and
@@ -347,13 +358,21 @@ def _batch_sums(
     # p is read from the final residual (as every lens row is) in float32: the same
     # logits as the model's own, without a copy of a [chunk, pos, d_vocab] tensor
     cap = capture(model, batch, points=("resid_pre", *row_capture_points(read)), logits=False)
-    rows = cap.row_stack(read)[:, :, :-1].flatten(1, 2)  # [row, n, d_model]
-    n_layers, device = cap.stack("resid_pre").shape[0], rows.device
+
+    def scored(h: Tensor) -> Tensor:  # [chunk, pos, d_model] -> [n, d_model], last pos dropped
+        return h[:, :-1].reshape(-1, h.shape[-1])
+
+    # one small [n, d_model] tensor per row, not a stacked copy of them all
+    rows = [
+        scored(cap.final if r.point == "resid_post" else cap.stack(r.point)[r.layer]) for r in read
+    ]
+    n_layers, device = cap.stack("resid_pre").shape[0], batch.device
     blocks_only = all(r.point == "resid_pre" for r in read)
-    pre = rows if blocks_only or not tuned else cap.stack("resid_pre")[:, :, :-1].flatten(1, 2)
-    final = cap.final[:, :-1].flatten(0, 1)  # [n, d_model]
+    pre = rows if blocks_only or not tuned else [scored(h) for h in cap.stack("resid_pre")]
+    final = scored(cap.final)  # [n, d_model]
     ids = batch[:, 1:].reshape(-1, 1)
-    owner = torch.arange(rows.shape[1], device=device) // n_pos  # chunk of each row
+    n_rows, d_model = final.shape
+    owner = torch.arange(n_rows, device=device) // n_pos  # chunk of each row
     lens_sums = torch.zeros(
         len(lenses), len(read), len(METRICS), n_chunks, dtype=torch.float64, device=device
     )
@@ -361,32 +380,34 @@ def _batch_sums(
     transfer_sums = torch.zeros(
         len(tuned), n_layers, n_layers, n_chunks, dtype=torch.float64, device=device
     )
-    n_rows = rows.shape[1]
+    pairs = [(i, k) for i in range(len(lenses)) for k in range(len(read)) if covered[i][k]]
     for lo in range(0, n_rows, MATMUL_ROWS):
         part = slice(lo, lo + MATMUL_ROWS)
-        own_logits = engine.reference_logits(final[part]).to(STATS_DTYPE)
-        reference = Reference.from_logits(own_logits)
+        n_part = final[part].shape[0]
+        # the model's logits and p, and the lens rows below, go into buffers reused from
+        # batch to batch: fresh 100 MB tensors cost page faults worth a third of a matmul
+        own_logits = engine.reference_logits(final[part], scratch=5).to(STATS_DTYPE)
+        reference = Reference.from_logits(
+            own_logits, out=scratch_buffer(6, n_part, own_logits.shape[-1], STATS_DTYPE, device)
+        )
         head = head_ids(reference.probs)
         own = logit_stats(own_logits, reference, ids[part], top_k=1)
         model_top = own.top_ids[:, 0]
         values = torch.stack([-own.id_log_probs[:, 0] / LN2, own.entropy]).double()
         model_sums.index_add_(1, owner[part], values)
-        pairs = [(i, k) for i in range(len(lenses)) for k in range(len(read)) if covered[i][k]]
         if pairs:
             # every lens at every row, read together: they share p at these positions
-            moved = torch.stack(
-                [
-                    lenses[i].transform_point(rows[k, part], read[k].layer, read[k].point)
-                    for i, k in pairs
-                ]
-            )  # [pair, cell, d_model]
-            n_part = moved.shape[1]
+            moved = scratch_buffer(4, len(pairs) * n_part, d_model, rows[0].dtype, device)
+            moved = moved.view(len(pairs), n_part, d_model)  # [pair, cell, d_model]
+            for j, (i, k) in enumerate(pairs):
+                moved[j] = lenses[i].transform_point(rows[k][part], read[k].layer, read[k].point)
             stats = engine.read_stats(
                 moved,
                 reference,
                 ids[part],
                 top_k=1,
                 head=head,
+                compiled=compiled,
                 progress=lambda f, lo=lo, n=n_part: tick((lo + f * n) / n_rows),
             )
             values = _row_values(stats, model_top)  # [metric, pair, cell]
@@ -396,7 +417,7 @@ def _batch_sums(
         for t, lens in enumerate(tuned):
             for src in range(n_layers):
                 for layer in range(n_layers):
-                    moved = lens.transform_hidden(pre[layer, part], src)
+                    moved = lens.transform_hidden(pre[layer][part], src)
                     kl = engine.kl_nats(moved, reference).clamp_min(0.0) / LN2
                     transfer_sums[t, src, layer].index_add_(0, owner[part], kl.double())
     return {

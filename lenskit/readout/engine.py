@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lenskit.metrics import Reference
+from lenskit.readout.fused import FUSED_MIN_ROWS, fused_ready, fused_stats, worth_compiling
 from lenskit.readout.precision import LOWP, lowp_mm, resolve_precision
 from lenskit.readout.scratch import MATMUL_ROWS, scratch_buffer
 from lenskit.readout.stats import (
@@ -231,14 +232,15 @@ class Readout:
         )
 
     def reference_logits(
-        self, h_final: Float[Tensor, "*cell d_model"]
+        self, h_final: Float[Tensor, "*cell d_model"], *, scratch: int | None = None
     ) -> Float[Tensor, "*cell d_vocab"]:
         """The model's own logits from its final residual, in float32 whatever the precision.
 
         ``p`` is what every lens is measured against, and it is one row of many.
+        ``scratch``: as in :meth:`read`.
         """
         exact = self if self.precision == "exact" else Readout(self.adapter, "exact")
-        return exact.logits(h_final)
+        return exact.logits(h_final, scratch=scratch)
 
     def reference(self, h_final: Float[Tensor, "cell d_model"]) -> Reference:
         """The model's output distribution ``p`` from its final residual, for KL."""
@@ -254,6 +256,7 @@ class Readout:
         rank_columns: int = 0,
         head: Int[Tensor, "cell head"] | None = None,
         progress: Callable[[float], None] | None = None,
+        compiled: bool | None = None,
     ) -> RowStats:
         """Read residual rows and take their statistics, without keeping their logits.
 
@@ -274,6 +277,10 @@ class Readout:
             head: Token ids per cell to read exactly in a low precision; default the
                 reference's :data:`REFERENCE_HEAD` most likely.
             progress: Called with the fraction done after each matmul block.
+            compiled: Take a low-precision read's statistics in one compiled pass per
+                block (:mod:`lenskit.readout.fused`; same results, where it compiles).
+                None: for reads of at least :data:`~lenskit.readout.fused.FUSED_MIN_ROWS`
+                rows once the kernel has compiled in this process.
 
         Returns:
             Statistics shaped ``[*group, cell, ...]``.
@@ -288,6 +295,9 @@ class Readout:
         per_block = max(STATS_ROWS, MATMUL_ROWS // max(1, n_groups) // STATS_ROWS * STATS_ROWS)
         per_block = min(per_block, max(1, n_cells))
         groups_per_block = max(1, MATMUL_ROWS // per_block)
+        if compiled is None:
+            compiled = n_groups * n_cells >= FUSED_MIN_ROWS and worth_compiling(0.0)
+        compiled = compiled and fused_ready(self.device, self.adapter.d_vocab)
         out: list[Tensor] | None = None
         done, total = 0, n_groups * n_cells
         for c0 in range(0, n_cells, per_block):
@@ -304,6 +314,7 @@ class Readout:
                     None if head is None else head[cells].repeat(g, 1),
                     top_k=top_k,
                     rank_columns=rank_columns,
+                    compiled=compiled,
                 )
                 fields = [getattr(stats, f.name) for f in dataclasses.fields(RowStats)]
                 if out is None:
@@ -328,6 +339,7 @@ class Readout:
         *,
         top_k: int,
         rank_columns: int,
+        compiled: bool = False,
     ) -> RowStats:
         """Statistics of at most :data:`MATMUL_ROWS` rows; ``reference`` may cycle."""
         with torch.no_grad():
@@ -347,13 +359,27 @@ class Readout:
             )
             z = lowp_mm(x.float(), w_low, self.dtype, out=self._out(0, x.shape[0], self.dtype))
             n_own = min(max(EXACT_HEAD, top_k), z.shape[-1])  # holds the top-k asked
+            if compiled:
+                stats = fused_stats(
+                    z,
+                    reference,
+                    ids,
+                    head,
+                    lambda at: self._head_logits(x, at, bias=False),
+                    top_k=top_k,
+                    own=n_own,
+                    rank_columns=rank_columns,
+                )
+                if stats is not None:
+                    return stats
 
             def exact_head(rows: slice, zc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-                # the chunk's own head found in its float32 copy, in the CPU cache
-                own = ids = _top_k(zc, n_own)[1]
-                if head is not None:
-                    ids = torch.cat([own, head[rows].to(own.device)], 1)
-                return own, ids, self._head_logits(x[rows], ids, bias=False)
+                # the chunk's own head found in its float32 copy, in the CPU cache; the
+                # requested tokens are read exactly too (their log-probs and ranks)
+                own = _top_k(zc, n_own)[1]
+                parts = [own, ids[rows]] if head is None else [own, head[rows], ids[rows]]
+                exact = torch.cat([t.to(own.device) for t in parts], 1)
+                return own, exact, self._head_logits(x[rows], exact, bias=False)
 
             return logit_stats(
                 z,

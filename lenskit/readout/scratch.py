@@ -44,6 +44,7 @@ def scratch_buffer(
     """This thread's reusable ``[rows, cols]`` buffer number ``slot``, valid until its next use.
 
     Slots 0 and 1 are the readout's (``scratch=``), 3 its exact head's; training's KL
-    step uses slot 2.
+    step uses slot 2; evaluation uses 4 (lens rows), 5 and 6 (the model's logits and
+    ``p``).
     """
     return _SCRATCH.get(slot, rows, cols, dtype, device)
