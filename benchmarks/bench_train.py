@@ -12,12 +12,16 @@ from a closed-form lens, as a training run's do.
 default corpus (``builtin:mix``), scored per layer beside its own closed-form start on
 held-out text of the training kind and of other kinds (:func:`held_out_corpora`).
 
+``in-kind``: the same budget trained on half of Node.js's API docs (every other file) and
+scored on the other half as well: how far a lens gets on text of the kind it trained on.
+
 Every figure is written with the load average and the measured float32 / bfloat16
 matmul GFLOP/s beside it: on a shared machine the rates move with the load.
 
 Run: ``python benchmarks/bench_train.py speed`` (about 6 minutes on a quiet machine),
 ``python benchmarks/bench_train.py budget --minutes 3`` (the budget, then about 4 minutes
-of scoring; ``--score-tokens`` sets the tokens per held-out corpus) or ``score`` to
+of scoring; ``--score-tokens`` sets the tokens per held-out corpus), ``in-kind --minutes
+3`` or ``score`` to
 score a budget run's lens again.
 Writes ``benchmarks/results/train_<what>.json``.
 """
@@ -232,9 +236,28 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
-def budget(minutes: float, work: Path, extra: list[str], tokens: int) -> dict[str, object]:
-    """``lenskit train --minutes`` from launch to saved lens, then :func:`score`."""
-    out, start_file = work / f"lens-{minutes:g}min", work / f"start-{minutes:g}min.pt"
+def node_halves(work: Path) -> tuple[Path, Path]:
+    """Node.js's API docs split file by file (sorted, alternately) into two folders."""
+    files = OTHER_KINDS["nodejs_api_docs"]
+    if not files:
+        raise SystemExit("in-kind needs Node.js's API docs in /usr/share/doc/nodejs/api")
+    halves = (work / "node_train", work / "node_test")
+    for i, path in enumerate(files):
+        dst = halves[i % 2] / path.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(path.read_bytes())
+    return halves
+
+
+def budget(
+    minutes: float, work: Path, extra: list[str], tokens: int, test: Path | None = None
+) -> dict[str, object]:
+    """``lenskit train --minutes`` from launch to saved lens, then :func:`score`.
+
+    ``test``: a folder of text of the training kind, never trained on, scored too.
+    """
+    tag = f"{minutes:g}min" if test is None else f"{minutes:g}min-in-kind"
+    out, start_file = work / f"lens-{tag}", work / f"start-{tag}.pt"
     before = machine()
     cmd = [sys.executable, "-c", WRAPPER, str(start_file), "train", "--minutes", str(minutes)]
     cmd += ["--out", str(out), "--quiet", *extra]
@@ -248,14 +271,16 @@ def budget(minutes: float, work: Path, extra: list[str], tokens: int) -> dict[st
         "seconds_launch_to_saved": round(seconds, 1),
         "machine_before": before,
         "machine_after": after,
-        **score(out, start_file, work, tokens),
+        **score(out, start_file, work, tokens, test),
     }
 
 
-def score(out: Path, start_file: Path, work: Path, tokens: int) -> dict[str, object]:
+def score(
+    out: Path, start_file: Path, work: Path, tokens: int, test: Path | None = None
+) -> dict[str, object]:
     """Held-out KL of the logit lens, the closed-form start and the trained lens, per layer.
 
-    On ``tokens`` tokens of each of :func:`held_out_corpora`.
+    On ``tokens`` tokens of each of :func:`held_out_corpora`, and of the files in ``test``.
     """
     import torch
 
@@ -270,7 +295,16 @@ def score(out: Path, start_file: Path, work: Path, tokens: int) -> dict[str, obj
     start = TunedLens.untrained(model)
     start.translators.load_state_dict(torch.load(start_file, weights_only=True))
     scores = {}
-    for name, chunks in held_out_corpora(model.tokenizer, tokens).items():
+    corpora = held_out_corpora(model.tokenizer, tokens)
+    if test is not None:
+        from lenskit.data import Corpus, tokenize_corpus
+
+        texts = tuple(p.read_text(encoding="utf-8") for p in sorted(test.glob("*.md")))
+        corpus = Corpus("in_kind_test", texts)
+        corpora["in_kind_test"] = tokenize_corpus(
+            corpus, model.tokenizer, SEQ_LEN, max_tokens=tokens
+        ).tokens
+    for name, chunks in corpora.items():
         lenses = [lenskit.get_lens("logit", model), start, tuned]
         kl = (layer_kl_sums(model, lenses, chunks) / chunks.numel() / LN2).tolist()
         worse = [i for i, (a, b) in enumerate(zip(kl[1], kl[2], strict=True)) if b > a + 1e-6]
@@ -296,7 +330,7 @@ def score(out: Path, start_file: Path, work: Path, tokens: int) -> dict[str, obj
 def main() -> None:
     """Run one measurement and write its results."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("speed", "budget", "score"))
+    parser.add_argument("what", choices=("speed", "budget", "in-kind", "score"))
     parser.add_argument("--steps", type=int, default=3, help="KL steps per precision and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--precisions", default="bfloat16,float32")
@@ -311,6 +345,12 @@ def main() -> None:
     elif args.what == "budget":
         result = budget(args.minutes, args.work, extra, args.score_tokens)
         name = f"train_budget_{args.minutes:g}min.json"
+    elif args.what == "in-kind":
+        train, test = node_halves(args.work)
+        result = budget(
+            args.minutes, args.work, ["--data", str(train), *extra], args.score_tokens, test
+        )
+        name = f"train_in_kind_{args.minutes:g}min.json"
     else:  # score a budget run's lens again (e.g. on more tokens)
         out = args.work / f"lens-{args.minutes:g}min"
         start = args.work / f"start-{args.minutes:g}min.pt"
