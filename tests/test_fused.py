@@ -115,3 +115,20 @@ def test_compiled_reads_of_the_embedded_model_equal_the_eager_reads(smollm2):
     # the own heads may differ where the rounded logits tie: rounding-sized differences
     assert (a.kl - b.kl).abs().mean() < 1e-3 and (a.entropy - b.entropy).abs().mean() < 1e-3
     assert (a.id_log_probs - b.id_log_probs).abs().max() < 1e-3
+
+
+def test_a_read_asked_to_compile_falls_back_to_the_eager_passes(tiny_llama, monkeypatch):
+    import lenskit
+    import lenskit.readout.engine as engine_module
+
+    engine = readout.Readout(lenskit.ModelAdapter(tiny_llama), "bf16")
+    gen = torch.Generator().manual_seed(25)
+    h = torch.randn(2, 9, tiny_llama.cfg.d_model, generator=gen)
+    ref = engine.reference(torch.randn(9, tiny_llama.cfg.d_model, generator=gen))
+    ids = torch.randint(0, 257, (9, 1), generator=gen)
+    eager = engine.read_stats(h, ref, ids, top_k=2, rank_columns=1, compiled=False)
+    monkeypatch.setattr(engine_module, "fused_ready", lambda device, vocab: True)
+    monkeypatch.setitem(fused._state, "failed", True)  # as where no C++ compiler works
+    got = engine.read_stats(h, ref, ids, top_k=2, rank_columns=1, compiled=True)
+    for name in FIELDS:
+        assert torch.equal(getattr(got, name), getattr(eager, name)), name

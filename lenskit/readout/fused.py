@@ -115,7 +115,13 @@ def block_sums(
             return out
         except Exception as err:  # no C++ compiler, an unsupported platform, ...
             _state["failed"] = True
-            _log.warning("lenskit: compiled statistics unavailable (%s); using eager passes", err)
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            _log.warning(
+                "lenskit: compiled statistics unavailable (%s: %s); using the eager passes "
+                "(set LENSKIT_COMPILE=0 to skip the attempt)",
+                type(err).__name__,
+                first,
+            )
             return None
 
 
