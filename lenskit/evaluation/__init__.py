@@ -4,6 +4,7 @@
 - :mod:`~lenskit.evaluation.results`: :class:`EvalResult` and the running chunk moments.
 - :mod:`~lenskit.evaluation.layer_kl`: the lean KL-only pass that training uses.
 - :mod:`~lenskit.evaluation.chunks`: the token chunks an evaluation reads.
+- :mod:`~lenskit.evaluation.estimate`: :func:`expected_seconds`, how long it will take.
 """
 
 from lenskit.lazy import install
@@ -17,7 +18,7 @@ _LAZY = {
     "STATS_DTYPE": "lenskit.evaluation.evaluator",
     "eval_chunks": "lenskit.evaluation.chunks",
     "evaluate": "lenskit.evaluation.evaluator",
-    "expected_seconds": "lenskit.evaluation.evaluator",
+    "expected_seconds": "lenskit.evaluation.estimate",
     "layer_kl": "lenskit.evaluation.layer_kl",
 }
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lenskit.metrics import Reference
 from lenskit.readout.fused import FUSED_MIN_ROWS, fused_ready, fused_stats, worth_compiling
+from lenskit.readout.heads import EXACT_HEAD, REFERENCE_HEAD, ReadLogits, head_ids
 from lenskit.readout.precision import LOWP, lowp_mm, resolve_precision
 from lenskit.readout.scratch import MATMUL_ROWS, scratch_buffer
 from lenskit.readout.stats import (
@@ -44,26 +45,6 @@ __all__ = [
     "head_ids",
     "scratch_buffer",
 ]
-
-EXACT_HEAD = 16
-"""Tokens per row whose logits a rounded-output matmul has recomputed exactly in float32."""
-REFERENCE_HEAD = 8
-"""The reference's most likely tokens per row that a rounded readout computes exactly."""
-
-
-class ReadLogits(NamedTuple):
-    """What a readout returns: float32 logits, and each row's top-k candidates if known.
-
-    Attributes:
-        logits: The float32 logits.
-        candidates: In a low precision on CPUs, each row's :data:`EXACT_HEAD` most
-            likely tokens by the rounded logits, read exactly: the row's top-k for any
-            ``k`` up to that, as far as the rounding of the tail allows (None in exact
-            mode). Pass them to :func:`~lenskit.readout.logit_stats`.
-    """
-
-    logits: Float[Tensor, "*cell d_vocab"]
-    candidates: Int[Tensor, "*cell head"] | None
 
 
 class Readout:
@@ -411,21 +392,6 @@ class Readout:
                 sub = slice(j, j + STATS_ROWS)
                 out.append(kl_block(logits[sub], ref.probs[sub], ref.neg_entropy[sub]))
         return torch.cat(out) if out else h.new_zeros(0)
-
-
-def head_ids(
-    scores: Float[Tensor, "*cell d_vocab"], candidates: Int[Tensor, "*cell cand"] | None = None
-) -> Int[Tensor, "*cell head"]:
-    """The :data:`REFERENCE_HEAD` most likely tokens of each row of probabilities or logits.
-
-    Passed as ``exact=`` so that a low-precision readout is exact where that
-    distribution (the reference ``p``, or the other lens of a divergence) is likely.
-    ``candidates``: the rows' :attr:`ReadLogits.candidates`, if they were read so.
-    """
-    flat = scores.reshape(-1, scores.shape[-1])
-    cand = None if candidates is None else candidates.reshape(flat.shape[0], -1)
-    ids = top_k(flat, min(REFERENCE_HEAD, flat.shape[-1]), cand)[1]
-    return ids.reshape(*scores.shape[:-1], ids.shape[-1])
 
 
 def _ref_slice(reference: Reference, part: slice) -> Reference:
