@@ -183,7 +183,8 @@ def fused_stats(
     # correct the sums at the exact tokens (each once: a token may be named twice)
     same = exact_ids.unsqueeze(-1) == exact_ids.unsqueeze(-2)
     keep = ~same.tril(-1).any(-1)
-    y_r = (z.gather(1, exact_ids).float() - shift) * LOG2E
+    z_r = z.gather(1, exact_ids).float()  # the same tokens' rounded logits
+    y_r = (z_r - shift) * LOG2E
     y_e = (exact - shift) * LOG2E
     e_r, e_e = (torch.exp2(y.clamp(min=EXP2_FLOOR)) for y in (y_r, y_e))
     total = total.squeeze(-1) + torch.where(keep, e_e - e_r, 0.0).sum(-1)
@@ -199,9 +200,8 @@ def fused_stats(
         kl = (neg_entropy / LN2 + log2_total - p_y).clamp_min(0.0)
     ranks = torch.full_like(ids, -1)
     if above is not None and bar is not None:
-        flips = (exact.unsqueeze(-2) > bar.unsqueeze(-1)).int() - (
-            z.gather(1, exact_ids).float().unsqueeze(-2) > bar.unsqueeze(-1)
-        ).int()
+        over = bar.unsqueeze(-1)
+        flips = (exact.unsqueeze(-2) > over).int() - (z_r.unsqueeze(-2) > over).int()
         ranks[:, ids.shape[1] - rank_columns :] = above + (flips * keep.unsqueeze(-2)).sum(-1)
     top_values, where = exact[:, :own].topk(top_k, dim=-1)
     return RowStats(
