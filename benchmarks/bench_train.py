@@ -144,22 +144,33 @@ def start_lens(model, chunks):
     return fit_closed_form(model, chunks, ridge=1e-6)
 
 
-def ceilings(model, lens, batch, rates: dict[str, float], forward_rate: float) -> dict[str, float]:
+def ceilings(
+    model, lens, batch, rates: dict[str, float], forward_rates: dict[str, float]
+) -> dict[str, float]:
     """Tokens/s if every matmul of a step ran at the measured rate of its precision.
 
     ``unembedding``: only the two ``[rows, d_vocab]`` matmuls per translated row, at
     ``rates`` (GFLOP/s of those matmuls' own shapes, :func:`step_matmul_rates`). ``step``:
-    also the model's forward pass (float32, at ``forward_rate``), counted by
-    ``FlopCounterMode``; the translators' own matmuls (under 2%) are left out.
+    also the model's forward pass, counted by ``FlopCounterMode``: in float32 at
+    ``forward_rates["float32"]``; in a bfloat16 step, which runs the forward pass under
+    bfloat16 autocast and reads the model's output row in float32, the blocks at
+    ``forward_rates["bfloat16"]`` and that row's unembedding at the float32 rate. The
+    translators' own matmuls (under 2%) are left out.
     """
     from lenskit.training.kl_step import step_flops
 
     per_token_unembed = step_flops(lens.adapter)
     per_token_forward = forward_flops(model, batch) / batch.numel()
+    per_token_output = 2.0 * lens.adapter.d_model * lens.adapter.d_vocab
     out = {}
     for precision in ("float32", "bfloat16"):
         unembed_s = per_token_unembed / (rates[precision] * 1e9)
-        forward_s = per_token_forward / (forward_rate * 1e9)
+        if precision == "float32":
+            forward_s = per_token_forward / (forward_rates["float32"] * 1e9)
+        else:
+            forward_s = (per_token_forward - per_token_output) / (
+                forward_rates["bfloat16"] * 1e9
+            ) + per_token_output / (forward_rates["float32"] * 1e9)
         out[f"{precision}_unembedding"] = 1 / unembed_s
         out[f"{precision}_step"] = 1 / (unembed_s + forward_s)
     return out
@@ -200,12 +211,15 @@ def speed(steps: int, rounds: int, precisions: tuple[str, ...]) -> dict[str, obj
             p: statistics.median(float(x["step_matmul_gflops"][p]) for x in log)
             for p in ("float32", "bfloat16")
         }
-        forward_rate = statistics.median(float(x["machine"]["gflops_float32"]) for x in log)
-        ceiling = ceilings(model, lens, chunks[:per], rates, forward_rate)
+        forward_rates = {
+            p: statistics.median(float(x["machine"][f"gflops_{p}"]) for x in log)
+            for p in ("float32", "bfloat16")
+        }
+        ceiling = ceilings(model, lens, chunks[:per], rates, forward_rates)
     out: dict[str, object] = {
         "rounds": log,
         "median_step_matmul_gflops": rates,
-        "median_float32_gflops_forward": forward_rate,
+        "median_gflops_forward": forward_rates,
         "lens": "the closed-form start on 4,096 tokens of builtin:mix, as a run steps from it",
     }
     for precision in precisions:

@@ -142,6 +142,13 @@ def tokenize(model: Any, prompt: str | Sequence[int] | Tensor) -> TokenIds:
     return tokens
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` to ``dtype`` on ``device``'s kind, or nothing for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 class _FinalResidualReached(Exception):
     """Raised by the final-residual hook to end a forward pass early."""
 
@@ -152,6 +159,7 @@ def capture(
     *,
     points: Sequence[str] = ("resid_pre",),
     logits: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> ResidualCapture:
     """Run the model once and capture residual points of every block.
 
@@ -161,18 +169,20 @@ def capture(
         points: Which points to capture (see :data:`POINTS`).
         logits: Also run the final norm and unembedding. With False the pass stops at
             the final residual, which saves the ``d_model x d_vocab`` matmul per token.
+        autocast: Run the model's matmuls in this dtype (``torch.autocast``; training's
+            bfloat16 forward passes). The captured activations keep the model's dtype.
 
     Returns:
         The captured activations, detached, and the model's logits.
     """
     n_layers = int(model.cfg.n_layers)
     store: dict[str, Tensor] = {}
-
+    dtype = None if autocast is None else next(model.parameters()).dtype
     final_name = f"blocks.{n_layers - 1}.hook_resid_post"
 
     def saver(name: str) -> Any:
         def save(activation: Tensor, hook: Any) -> None:
-            store[name] = activation.detach()
+            store[name] = activation.detach() if dtype is None else activation.detach().to(dtype)
             if name == final_name and not logits:
                 raise _FinalResidualReached
 
@@ -186,8 +196,11 @@ def capture(
         torch.no_grad(),
         model.hooks(fwd_hooks=hooks),
         contextlib.suppress(_FinalResidualReached),
+        _autocast(tokens.device, autocast),
     ):
         output = model(tokens).detach()
+    if output is not None and dtype is not None:
+        output = output.to(dtype)
     stacks = {
         point: torch.stack([store[name] for name in hook_names(n_layers, point)])
         for point in points

@@ -91,3 +91,14 @@ def test_threads_sharing_a_model_each_get_their_own_activations(tiny_llama):
     for thread in threads:
         thread.join()
     assert not errors, errors[0]
+
+
+def test_an_autocast_capture_keeps_the_models_dtype_and_is_near_float32(tiny_llama):
+    tokens = tiny_llama.to_tokens("The tuned lens reads every layer of the model.")
+    exact = capture(tiny_llama, tokens)
+    fast = capture(tiny_llama, tokens, autocast=torch.bfloat16)
+    assert fast.final.dtype == fast.logits.dtype == fast.stack("resid_pre").dtype == torch.float32
+    assert not torch.equal(fast.final, exact.final)  # the matmuls did run in bfloat16
+    rel = (fast.final - exact.final).norm() / exact.final.norm()
+    assert rel < 0.05
+    assert torch.equal(capture(tiny_llama, tokens).final, exact.final)  # no autocast left on

@@ -36,6 +36,7 @@ from lenskit.metrics import Reference, kl_nats
 from lenskit.models import ModelAdapter
 from lenskit.readout import scratch_buffer
 from lenskit.residual import capture, row_capture_points
+from lenskit.training.precision import forward_autocast
 from lenskit.training.rows import stack_rows, train_rows, translators
 
 __all__ = [
@@ -202,7 +203,8 @@ class _PlainReadout:
                 lse = _ReadoutLogSumExp.apply(flat, self.w_u, self.b_u).view(block.shape[0], n)
             parts.append(lse)
         lse = torch.cat(parts[::-1])
-        return self.offset[lo:hi] + lse - (x * self.mean_w[lo:hi]).sum(-1)
+        expected = torch.einsum("lnd,nd->ln", x, self.mean_w[lo:hi])  # E_p[z] - b_U . p
+        return self.offset[lo:hi] + lse - expected
 
 
 def kl_step(
@@ -225,7 +227,10 @@ def kl_step(
         model: The frozen model.
         tokens: The batch.
         scale: Factor of the summed KL whose gradient is accumulated.
-        bf16: Unembedding matrices for bfloat16 matmuls (None: float32).
+        bf16: Unembedding matrices for bfloat16 matmuls (None: float32). With them the
+            model's forward pass runs under bfloat16 autocast too
+            (:func:`~lenskit.training.precision.forward_autocast`), and its output
+            distribution is read from its final residual in float32.
 
     Returns:
         Per translator row (:func:`~lenskit.training.rows.train_rows`: the block inputs,
@@ -235,9 +240,16 @@ def kl_step(
     """
     adapter = lens.adapter
     read = train_rows(lens)
-    cap = capture(model, tokens, points=row_capture_points(read))
+    autocast = forward_autocast(model) if bf16 is not None else None
+    cap = capture(
+        model, tokens, points=row_capture_points(read), logits=autocast is None, autocast=autocast
+    )
     rows = stack_rows(cap, read)
-    logits = cap.logits.flatten(0, 1)
+    if autocast is None:
+        logits = cap.logits.flatten(0, 1)
+    else:  # the model's own readout of its final residual, in float32
+        with torch.no_grad():
+            logits = adapter.readout(cap.final.flatten(0, 1))
     reference = Reference.from_logits(logits)
     sums = torch.zeros(3, len(read), dtype=torch.float64)
     if not _plain_unembed(adapter):
@@ -258,13 +270,8 @@ def kl_step(
 
 def _row_sums(kl: Tensor, h: Tensor, moved: Tensor) -> Tensor:
     """Per row: summed KL, ``|h|^2 / d_model`` and ``|h'|^2 / d_model`` (float64, on CPU)."""
-    return torch.stack(
-        [
-            kl.detach().double().sum(-1),
-            h.double().pow(2).mean(-1).sum(-1),
-            moved.detach().double().pow(2).mean(-1).sum(-1),
-        ]
-    ).cpu()
+    rms2 = [r.pow(2).mean(-1).double().sum(-1) for r in (h, moved.detach())]  # float32 rows
+    return torch.stack([kl.detach().double().sum(-1), *rms2]).cpu()
 
 
 def _generic_step(

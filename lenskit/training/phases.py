@@ -24,7 +24,7 @@ from lenskit.residual import capture, row_capture_points
 from lenskit.training.clock import CLOSED_FORM_SHARE, REPORT_SHARE, RunClock
 from lenskit.training.closed_form import NormalEquations, normalized_target, set_translators
 from lenskit.training.kl_step import kl_step, make_optimizer
-from lenskit.training.precision import readout_precision
+from lenskit.training.precision import forward_autocast, readout_precision
 from lenskit.training.rows import (
     row_translator,
     stack_rows,
@@ -129,6 +129,7 @@ class Phases(RunClock):
         batches = [order[i : i + per_batch] for i in range(0, n_chunks, per_batch)]
         done_tokens = sum(len(b) for b in batches[: st.done]) * cfg.seq_len
         total, first = n_chunks * cfg.seq_len, done_tokens
+        autocast = forward_autocast(self.model) if st.precision == "bfloat16" else None
         with _bar(self.show, total, done_tokens, "closed-form start") as bar:
             for ids in batches[st.done :]:
                 if st.done and self._closed_form_over():
@@ -138,6 +139,7 @@ class Phases(RunClock):
                     pool[ids[dist.rank :: dist.world]].to(self.device),
                     points=row_capture_points(self.rows),
                     logits=False,
+                    autocast=autocast,
                 )
                 stats = normal.batch(
                     stack_rows(cap, self.rows),
