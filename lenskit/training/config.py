@@ -82,7 +82,8 @@ class TrainConfig:
     report: bool = setting(True, "score the lens on held-out text at the end")
     precision: str = setting(
         "auto",
-        "KL-step matmul precision (fp32 master weights and sums); auto: the faster here",
+        "training matmul precision: the KL steps' unembedding and, in bfloat16, the model's "
+        "forward passes (fp32 master weights and sums); auto: the faster here",
         PRECISIONS,
     )
     device: str = setting("cpu", "cpu or cuda (cuda:LOCAL_RANK under torchrun)")
