@@ -95,6 +95,7 @@ def main() -> None:
     from lenskit.evaluation import STATS_DTYPE, eval_chunks, evaluate
     from lenskit.readout import Readout, matmul_rates
 
+    retained = lenskit.retain_freed_memory()  # as the command line does (the peer's too)
     load_before = os.getloadavg()
     rates = matmul_rates("cpu", fresh=True)
     model = lenskit.load_model()
@@ -141,6 +142,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "retained_freed_memory": retained,
             "load_average_1_5_15_min_before": [round(x, 2) for x in load_before],
             "load_average_1_5_15_min_after": [round(x, 2) for x in os.getloadavg()],
         },

@@ -113,7 +113,8 @@ def step_matmul_rates(adapter, repeats: int = 5) -> dict[str, float]:
     """GFLOP/s of the KL step's own two vocabulary matmuls, at their shapes, per precision.
 
     ``[rows, d_model + 2] @ [d_model + 2, d_vocab]`` into a reused output, then that
-    ``@ [d_vocab, d_model]``, with the step's rows per matmul; the median of ``repeats``.
+    ``@ [d_vocab, d_model]`` (a transposed view, as the step has it), with the step's rows
+    per matmul; the median of ``repeats``.
     """
     import statistics
 
@@ -126,7 +127,7 @@ def step_matmul_rates(adapter, repeats: int = 5) -> dict[str, float]:
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         n = MATMUL_ROWS[dtype]
         a, w = torch.randn(n, d + 2, dtype=dtype), torch.randn(d + 2, v, dtype=dtype)
-        wt, e = torch.randn(v, d, dtype=dtype), torch.empty(n, v, dtype=dtype)
+        wt, e = w[:d].T, torch.empty(n, v, dtype=dtype)
         times = []
         for _ in range(repeats + 1):
             tic = time.perf_counter()
@@ -354,7 +355,11 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.what == "speed":
+        from lenskit.allocator import retain_freed_memory
+
+        retained = retain_freed_memory()  # as `lenskit train` does
         result = speed(args.steps, args.rounds, tuple(args.precisions.split(",")))
+        result["retained_freed_memory"] = retained
         name = "train_speed.json"
     elif args.what == "budget":
         result = budget(args.minutes, args.work, extra, args.score_tokens)

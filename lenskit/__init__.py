@@ -23,6 +23,7 @@ _LAZY = {
     "get_lens": "lenskit.lenses",
     "load_model": "lenskit.models",
     "register_lens": "lenskit.lenses",
+    "retain_freed_memory": "lenskit.allocator",
     "trajectory": "lenskit.trajectory",
 }
 
@@ -40,6 +41,7 @@ __all__ = [
     "get_lens",
     "load_model",
     "register_lens",
+    "retain_freed_memory",
     "trajectory",
 ]
 __version__ = "0.1.0"

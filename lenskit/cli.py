@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from lenskit.allocator import retain_freed_memory
 from lenskit.errors import LenskitError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _check_paths(args)  # a path the system would refuse fails before any work
+        retain_freed_memory()  # large tensors reuse freed memory: no page faults
         return int(args.func(args) or 0)
     except LenskitError as err:
         print(f"lenskit {args.command}: error: {err}", file=sys.stderr)

@@ -12,6 +12,9 @@ import lenskit
 # Tests compare against float64 references at float32 tolerances: the readout runs in
 # float32 here; the fast path's accuracy has tests of its own (tests/test_readout.py).
 os.environ["LENSKIT_PRECISION"] = "exact"
+# The suite runs the command line in its own long process: leave malloc as it is there
+# (tests/test_allocator.py checks the setting in processes of its own).
+os.environ["LENSKIT_RETAIN_MEMORY"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ LAYERS = {
     "lenskit.typing": 1,
     "lenskit.settings": 1,
     "lenskit.lazy": 0,
+    "lenskit.allocator": 0,
     "lenskit.errors": 0,
 }
 PACKAGE_ROOT = {"lenskit": 55}  # `import lenskit` / `from lenskit import x`: the public API

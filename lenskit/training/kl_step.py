@@ -83,17 +83,19 @@ class Bf16Unembedding:
 
     ``w`` is ``[W_U; b_U; 1]`` (``[d_model + 2, d_vocab]``): input columns ``[x, 1,
     -shift]`` add the bias and subtract a per-row shift inside the matmul. ``wt`` is
-    ``W_U^T`` and ``ones`` a column of ones, for ``exp``'s row sums (as a matrix-vector
-    product: a 577th column of ``wt`` would slow its matmul by a fifth). Made once per run.
+    ``W_U^T``, a transposed view of ``w``'s first rows (``e @ wt`` runs 4-12% faster on
+    it than on a contiguous copy, with the same result), and ``ones`` a column of ones,
+    for ``exp``'s row sums (as a matrix-vector product: a 577th column of ``wt`` would
+    slow its matmul by a tenth). Made once per run.
     """
 
     def __init__(self, w_u: Float[Tensor, "d_model d_vocab"], b_u: Float[Tensor, " d_vocab"]):
         ones = w_u.new_ones(1, w_u.shape[1])
         w_u = w_u.detach()
         self.w = torch.cat([w_u, b_u.detach()[None], ones]).to(torch.bfloat16)
-        self.wt = w_u.to(torch.bfloat16).T.contiguous()
-        self.ones = ones.to(torch.bfloat16).T.contiguous()  # [d_vocab, 1]
         self.d_model = w_u.shape[0]
+        self.wt = self.w[: self.d_model].T  # [d_vocab, d_model], a view
+        self.ones = ones.to(torch.bfloat16).T.contiguous()  # [d_vocab, 1]
 
 
 def _augmented(x: Tensor, shift: Tensor, un: Bf16Unembedding) -> Tensor:
