@@ -218,7 +218,7 @@ def main() -> None:
     import lenskit
 
     repeats = 1 if args.smoke else 5
-    retained = lenskit.retain_freed_memory()  # as the command line and the app do
+    retained = lenskit.retain_freed_memory()  # as the command line does
     model = lenskit.load_model("smollm2-135m")
     report = {"context": _context(), "smoke": args.smoke, "retained_freed_memory": retained}
     report["matmul"] = bench_matmul(512 if args.smoke else 1920, repeats)

@@ -8,17 +8,17 @@ step on SmolLM2, and on a virtual machine each fault is costly.
 
 :func:`retain_freed_memory` asks glibc to serve large blocks from its heap and to keep up
 to :data:`KEEP_BYTES` of freed heap: the faults of a step fall by about 85%, and the
-step ran 12-17% faster where the host was quiet (README, Performance). The process
-holds on to memory it has freed (its peak stays resident, and glibc < 2.38 lets the heap
-grow a little past it) in exchange for not faulting it in again. ``lenskit``'s command
-line calls it at start, where a process does one job and ends; a notebook may call it
-too. It does nothing outside glibc (macOS, musl) or with ``LENSKIT_RETAIN_MEMORY=0``.
+step ran 12-17% faster where the host was quiet (README: The readout engine and its
+precision). The process holds on to memory it has freed (its peak stays resident, and
+glibc < 2.38 lets the heap grow a little past it) in exchange for not faulting it in
+again. ``lenskit``'s command line calls it at start, where a process does one job and
+ends; a notebook may call it too. It does nothing outside glibc (macOS, musl) or with
+``LENSKIT_RETAIN_MEMORY=0``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -41,8 +41,7 @@ def retain_freed_memory() -> bool:
     if os.environ.get(RETAIN_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

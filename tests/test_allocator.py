@@ -42,7 +42,7 @@ def _faults(retain: str) -> tuple[bool, int]:
 
 
 @glibc
-def test_a_retained_heap_reuses_freed_memory_without_faults():
+def test_a_retained_heap_reuses_most_freed_memory_without_faults():
     took, faults = _faults("1")
     assert took
     # Most are reused. Not all: torch's 64-byte aligned blocks do not fit a freed block
