@@ -27,6 +27,15 @@ def test_eval_flags_default_to_the_config():
         assert getattr(args, name) == value, name
 
 
+def test_choices_holding_commas_are_shown_apart():
+    train = build_parser(["train"])._subparsers._group_actions[0].choices["train"]
+    text = train.format_help()
+    assert "{resid_pre|resid_pre,resid_mid}" in text and "{resid_pre,resid_pre" not in text
+    assert _parse("train", "--out", "x", "--points", "resid_pre,resid_mid").points == (
+        "resid_pre,resid_mid"
+    )
+
+
 def test_attribute_flags_default_to_the_config():
     args = _parse("attribute", "--prompt", "p", "--target", "t")
     for name, value in AttributionConfig().to_dict().items():

@@ -98,7 +98,9 @@ def add_flags(
         else:
             kwargs["type"] = kind
             if "choices" in f.metadata:
-                kwargs["choices"] = tuple(f.metadata["choices"])
+                kwargs["choices"] = choices = tuple(f.metadata["choices"])
+                if any("," in str(c) for c in choices):  # argparse's {a,b} would blur them
+                    kwargs["metavar"] = "{" + "|".join(map(str, choices)) + "}"
             else:
                 kwargs["metavar"] = f.name.upper()
         parser.add_argument(flag_name(f.name), help=text.replace("%", "%%"), **kwargs)
