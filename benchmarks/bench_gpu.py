@@ -71,6 +71,14 @@ def _median(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _unembed_seconds(engine, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of ``x @ W_U`` alone, in the readout ``engine``'s precision."""
+    from lenskit.readout.precision import lowp_mm
+
+    w = engine.adapter.W_U.detach().to(engine.dtype).contiguous()
+    return _median(lambda: lowp_mm(x, w, engine.dtype), engine.device, repeats)
+
+
 def _prompt(model, n: int = 64) -> torch.Tensor:
     """``[1, n]`` token ids of :data:`TEXT` (fewer where the model's context is shorter)."""
     ids = model.tokenizer(TEXT)["input_ids"][: min(n, model.cfg.n_ctx)]
@@ -205,7 +213,6 @@ def evaluation(model, device: torch.device, tokens: int, repeats: int) -> dict[s
     from lenskit.evaluation import evaluate
     from lenskit.lenses.tuned import TunedLens
     from lenskit.readout import MATMUL_ROWS, Readout
-    from lenskit.readout.precision import lowp_mm
 
     gen = torch.Generator().manual_seed(2)
     chunks = TokenChunks(
@@ -218,10 +225,7 @@ def evaluation(model, device: torch.device, tokens: int, repeats: int) -> dict[s
     lenses = {"logit": lenskit.get_lens("logit", model), "tuned": TunedLens.untrained(model)}
     engine = Readout(lenses["logit"].adapter, None)
     x = torch.randn(MATMUL_ROWS, model.cfg.d_model, device=device)
-    w = engine.adapter.W_U.detach()
-    if engine.precision != "exact":
-        w = w.to(engine.dtype).contiguous()
-    per_row = _median(lambda: lowp_mm(x, w, engine.dtype), device, 9) / MATMUL_ROWS
+    per_row = _unembed_seconds(engine, x, 9) / MATMUL_ROWS
     rows = 2 * model.cfg.n_layers + 1  # both lenses at every block input, and the output
 
     def run() -> float:
@@ -248,7 +252,6 @@ def trajectories(model, device: torch.device, repeats: int) -> dict[str, float]:
     from lenskit.comparison import compare
     from lenskit.lenses.tuned import TunedLens
     from lenskit.readout import Readout
-    from lenskit.readout.precision import lowp_mm
     from lenskit.residual import capture
 
     lens = lenskit.get_lens("logit", model)
@@ -256,12 +259,7 @@ def trajectories(model, device: torch.device, repeats: int) -> dict[str, float]:
     engine = Readout(lens.adapter, None)
     rows = capture(model, tokens[None], logits=False).lens_rows()[:, 0]
     x = lens.adapter.final_norm(rows).reshape(-1, rows.shape[-1]).detach()
-    w = lens.adapter.W_U.detach()
-    if engine.precision == "exact":
-        floor = _median(lambda: x @ w, device, repeats)
-    else:
-        low = w.to(engine.dtype).contiguous()
-        floor = _median(lambda: lowp_mm(x, low, engine.dtype), device, repeats)
+    floor = _unembed_seconds(engine, x, repeats)
     traj = _median(lambda: lenskit.trajectory(model, lens, tokens), device, repeats)
     tuned = TunedLens.untrained(model)
     four = [lens, tuned, lenskit.get_lens("logit", model), tuned]
